@@ -1,0 +1,102 @@
+// Shared, ISA-neutral definitions for the CPU GEMM.
+//
+// Every ISA translation unit (gemm_avx512.cc, gemm_avx2.cc, gemm_generic.cc) is compiled with its own
+// -m flags. Anything defined in a header they share must therefore have internal linkage (static or an
+// unnamed namespace): an inline function with external linkage compiled with -mavx512f in one TU could be
+// the copy the linker keeps for all of them, and crash a machine without AVX-512.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+namespace lowrank {
+
+enum DTypeCode : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// A matrix operand: element (r, c) lives at p[r * rs + c * cs] (in elements of its dtype).
+// One of rs / cs is 1 for every operand the N-API layer builds (row-major with a leading dimension,
+// possibly transposed).
+struct Operand {
+  const void* p;
+  int dtype;
+  int64_t rs, cs;
+};
+
+// C[M,N] (row-major, leading dimension ldc) = alpha * A(i,k) B(k,j) + beta * C.
+// beta == 0 means C is not read (NaN in C does not propagate), as in BLAS.
+struct GemmCall {
+  int64_t M, N, K;
+  float alpha, beta;
+  Operand A;  // (i, k)
+  Operand B;  // (k, j)
+  float* C;
+  int64_t ldc;
+};
+
+struct BatchedCall {
+  GemmCall g;  // matrix 0
+  int64_t batch;
+  int64_t sa, sb, sc;  // batch strides in elements
+};
+
+struct MemBandwidth {
+  double read_gbs;
+  double copy_gbs;
+};
+
+// The functions one ISA provides. threads >= 1.
+struct IsaImpl {
+  const char* name;
+  void (*gemm)(const GemmCall& g, int threads);
+  void (*gemm_batched)(const BatchedCall& b, int threads);
+  double (*fma_peak)(int threads, double ms);  // GFLOP/s
+  MemBandwidth (*mem_bandwidth)(int64_t bytes, int threads);
+};
+
+const IsaImpl* isa_generic();
+#if defined(__x86_64__) || defined(_M_X64)
+const IsaImpl* isa_avx2();
+const IsaImpl* isa_avx512();
+#endif
+
+// IEEE half -> float in software (exact; subnormals, inf and NaN kept).
+static inline float f16_to_f32_soft(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu;
+  uint32_t m = h & 0x3ffu;
+  uint32_t bits;
+  if (e == 0) {
+    if (m == 0) {
+      bits = sign;
+    } else {
+      int sh = 0;
+      while (!(m & 0x400u)) {
+        m <<= 1;
+        ++sh;
+      }
+      m &= 0x3ffu;
+      bits = sign | ((uint32_t)(113 - sh) << 23) | (m << 13);
+    }
+  } else if (e == 31) {
+    bits = sign | 0x7f800000u | (m << 13);
+  } else {
+    bits = sign | ((e + 112u) << 23) | (m << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+}  // namespace lowrank
