@@ -51,6 +51,7 @@ struct IsaImpl {
   void (*gemm_batched)(const BatchedCall& b, int threads);
   double (*fma_peak)(int threads, double ms);  // GFLOP/s
   MemBandwidth (*mem_bandwidth)(int64_t bytes, int threads);
+  void (*blocking)(int64_t kc, int64_t mb, int64_t nb, int64_t out[3]);
 };
 
 const IsaImpl* isa_generic();

@@ -19,10 +19,8 @@
 // barrier inside a GEMM. With 2 threads that duplicates the packing of one operand, which costs less than
 // the synchronisation it saves (measured in bench/gemm.ts).
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#include <stdlib.h>
+// The including TU has already included <stdlib.h>, <string.h>, <time.h> and (under _OPENMP) <omp.h> at global
+// scope, and gemm_scalar.h inside its namespace.
 
 namespace {
 
@@ -248,6 +246,16 @@ void gemm_one(const GemmCall& g, int threads) {
 }
 
 void gemm_entry(const GemmCall& g, int threads) { gemm_one(g, threads < 1 ? 1 : threads); }
+
+// Cache blocking, for tuning from the bench (values <= 0 keep the current one). Returns the values in use.
+void blocking_entry(int64_t kc, int64_t mb, int64_t nb, int64_t out[3]) {
+  if (kc > 0) g_kc = round_up(kc, 16);
+  if (mb > 0) g_mb = round_up(mb, MR);
+  if (nb > 0) g_nb = round_up(nb, NR);
+  out[0] = g_kc;
+  out[1] = g_mb;
+  out[2] = g_nb;
+}
 
 void gemm_batched_entry(const BatchedCall& b, int threads) {
   if (threads < 1) threads = 1;

@@ -6,6 +6,13 @@
 import type { DType } from '../core/dtype.ts';
 import type { Device, Storage } from '../core/storage.ts';
 import type { Tensor } from '../core/tensor.ts';
+import type { ActivationKernels } from './kernels/activation.ts';
+import type { AttentionKernels } from './kernels/attention.ts';
+import type { DropoutKernels } from './kernels/dropout.ts';
+import type { EmbeddingKernels } from './kernels/embedding.ts';
+import type { LossKernels } from './kernels/loss.ts';
+import type { NormKernels } from './kernels/norm.ts';
+import type { RopeKernels } from './kernels/rope.ts';
 
 /** Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C, repeated `batch` times with the given strides. */
 export interface GemmArgs {
@@ -85,4 +92,12 @@ export interface CoreKernels {
  * the TypeScript reference implementation beside it in src/backend/cpu/) and is listed here.
  */
 // biome-ignore lint/suspicious/noEmptyInterface: the list of kernel families grows here
-export interface Backend extends CoreKernels {}
+export interface Backend
+  extends CoreKernels,
+    RopeKernels,
+    AttentionKernels,
+    NormKernels,
+    ActivationKernels,
+    LossKernels,
+    EmbeddingKernels,
+    DropoutKernels {}

@@ -14,7 +14,7 @@
 
 import { f32ToF16 } from '../core/dtype.ts';
 import { DTypeError, ShapeError } from '../core/errors.ts';
-import { bf16BytesToF32, f16BytesToF32, f16LookupTable } from './safetensors.ts';
+import { bf16BytesToF32, copyBytes, f16BytesToF32, f16LookupTable } from './safetensors.ts';
 
 export interface GgmlType {
   /** The ggml_type enum value stored in GGUF tensor infos. */
@@ -230,7 +230,7 @@ function dequantQ6_K(b: Uint8Array, out: Float32Array, nblocks: number): void {
 
 function view<T>(b: Uint8Array, size: number, make: (buf: ArrayBufferLike, off: number, n: number) => T): T {
   if (b.byteOffset % size === 0) return make(b.buffer, b.byteOffset, b.byteLength / size);
-  return make(b.slice().buffer, 0, b.byteLength / size);
+  return make(copyBytes(b).buffer, 0, b.byteLength / size);
 }
 
 /**

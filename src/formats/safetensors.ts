@@ -120,6 +120,14 @@ export interface SafetensorsReader {
   close(): void;
 }
 
+/**
+ * A fresh copy of bytes [start, end) with its own ArrayBuffer (so typed-array views of it are aligned).
+ * Never use `.slice()` for this: on a Node Buffer it returns a view, not a copy.
+ */
+export function copyBytes(b: Uint8Array, start = 0, end = b.byteLength): Uint8Array {
+  return new Uint8Array(b.subarray(start, end));
+}
+
 export function numelOf(shape: readonly number[]): number {
   let n = 1;
   for (const d of shape) n *= d;
@@ -165,6 +173,11 @@ function describe(v: unknown): string {
   return s.length > 60 ? `${s.slice(0, 57)}...` : s;
 }
 
+/** Sets an own enumerable property, even for a key named "__proto__" (plain assignment would set the prototype). */
+export function setOwn<T>(obj: Record<string, T>, key: string, value: T): void {
+  Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true });
+}
+
 interface HeaderEntry {
   name: string;
   dtype: SafetensorsDType;
@@ -182,7 +195,7 @@ function validateHeader(
   if (typeof json !== 'object' || json === null || Array.isArray(json)) {
     fail(file, 'the safetensors header is not a JSON object; this is not a safetensors file, or it is corrupt');
   }
-  const metadata: Record<string, string> = Object.create(null);
+  const metadata: Record<string, string> = {};
   const entries: HeaderEntry[] = [];
   for (const [name, value] of Object.entries(json as Record<string, unknown>)) {
     if (name === '__metadata__') {
@@ -194,7 +207,7 @@ function validateHeader(
         if (typeof v !== 'string') {
           fail(file, `"__metadata__" key "${k}" must be a string, got ${describe(v)}; re-save with string values`);
         }
-        metadata[k] = v;
+        setOwn(metadata, k, v);
       }
       continue;
     }
@@ -409,7 +422,7 @@ export function deserializeSafetensors(
   const tensors: Record<string, RawTensor> = {};
   const base = 8 + headerSize;
   for (const e of entries) {
-    tensors[e.name] = { dtype: e.dtype, shape: e.shape, data: bytes.slice(base + e.begin, base + e.end) };
+    tensors[e.name] = { dtype: e.dtype, shape: e.shape, data: copyBytes(bytes, base + e.begin, base + e.end) };
   }
   return { tensors, metadata };
 }
@@ -661,16 +674,16 @@ export function f16LookupTable(): Float32Array {
 /** Little-endian u16 view of bytes (copies only when the bytes are not 2-aligned). */
 function u16View(b: Uint8Array): Uint16Array {
   if (b.byteOffset % 2 === 0) return new Uint16Array(b.buffer, b.byteOffset, b.byteLength >> 1);
-  return new Uint16Array(b.slice().buffer);
+  return new Uint16Array(copyBytes(b).buffer);
 }
 
 function alignedView<T>(b: Uint8Array, size: number, make: (buf: ArrayBufferLike, off: number, n: number) => T): T {
   if (b.byteOffset % size === 0) return make(b.buffer, b.byteOffset, b.byteLength / size);
-  return make(b.slice().buffer, 0, b.byteLength / size);
+  return make(copyBytes(b).buffer, 0, b.byteLength / size);
 }
 
 /** f16 bytes -> f32 values. */
-export function f16BytesToF32(bytes: Uint8Array, out = new Float32Array(bytes.byteLength >> 1)): Float32Array {
+export function f16BytesToF32(bytes: Uint8Array, out: Float32Array = new Float32Array(bytes.byteLength >> 1)): Float32Array {
   const t = f16LookupTable();
   const u = u16View(bytes);
   for (let i = 0; i < u.length; i++) out[i] = t[u[i]!]!;
@@ -678,7 +691,7 @@ export function f16BytesToF32(bytes: Uint8Array, out = new Float32Array(bytes.by
 }
 
 /** bf16 bytes -> f32 values (a bf16 is the top half of an f32). */
-export function bf16BytesToF32(bytes: Uint8Array, out = new Float32Array(bytes.byteLength >> 1)): Float32Array {
+export function bf16BytesToF32(bytes: Uint8Array, out: Float32Array = new Float32Array(bytes.byteLength >> 1)): Float32Array {
   const u = u16View(bytes);
   const o = new Uint32Array(out.buffer, out.byteOffset, u.length);
   for (let i = 0; i < u.length; i++) o[i] = u[i]! << 16;

@@ -4,7 +4,7 @@
 // special-token facts around it, so every source shares the one HF-compatible implementation.
 
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers';
-import { IndexError } from '../core/errors.ts';
+import { FormatError, IndexError } from '../core/errors.ts';
 import { type ChatMessage, type ChatTemplateOptions, renderChatTemplate } from './chat.ts';
 
 /** One entry of tokenizer.json's `added_tokens`. */
@@ -49,6 +49,8 @@ export interface TokenizerSpec {
   chatTemplates?: Record<string, string>;
   /** HF's clean_up_tokenization_spaces for decode() (" ," -> ","). Streaming never cleans up. */
   cleanUpSpaces?: boolean;
+  /** tokenizer_config.json-style settings for @huggingface/tokenizers (special-token strings and the like). */
+  hfConfig?: Record<string, unknown>;
 }
 
 export interface EncodeOptions {
@@ -94,8 +96,19 @@ export class Tokenizer {
       decoder: json.decoder ?? null,
       added_tokens: json.added_tokens ?? [],
     };
-    this.hf = new HfTokenizer(full, {});
+    try {
+      this.hf = new HfTokenizer(full, { ...(spec.hfConfig ?? {}), clean_up_tokenization_spaces: false });
+    } catch (e) {
+      throw new FormatError(`${spec.source}: cannot build the tokenizer: ${(e as Error).message}`);
+    }
     this.specialIds = new Set(full.added_tokens.filter((t) => t.special).map((t) => t.id));
+    const extraSpecial = spec.hfConfig?.additional_special_tokens;
+    if (Array.isArray(extraSpecial)) {
+      for (const t of extraSpecial) {
+        const id = typeof t === 'string' ? this.hf.token_to_id(t) : undefined;
+        if (id !== undefined) this.specialIds.add(id);
+      }
+    }
     let size = this.hf.model?.vocab.length ?? 0;
     for (const t of full.added_tokens) size = Math.max(size, t.id + 1);
     this.vocabSize = size;
@@ -168,12 +181,18 @@ export class Tokenizer {
 
   /** Renders a conversation with the model's chat template (see ChatTemplateOptions for the choices). */
   applyChatTemplate(messages: readonly ChatMessage[], opts: ChatTemplateOptions = {}): string {
-    return renderChatTemplate(this.chatTemplates, this.source, messages, {
-      bos_token: this.bosToken ?? '',
-      eos_token: this.eosToken ?? '',
-      ...(this.padId !== null ? { pad_token: this.idToToken(this.padId) } : {}),
-      ...(this.unkId !== null ? { unk_token: this.idToToken(this.unkId) } : {}),
-    }, opts);
+    return renderChatTemplate(
+      this.chatTemplates,
+      this.source,
+      messages,
+      {
+        bos_token: this.bosToken ?? '',
+        eos_token: this.eosToken ?? '',
+        ...(this.padId !== null ? { pad_token: this.idToToken(this.padId) } : {}),
+        ...(this.unkId !== null ? { unk_token: this.idToToken(this.unkId) } : {}),
+      },
+      opts,
+    );
   }
 
   /** Renders the chat template and encodes the result. The template writes BOS itself, so none is added. */
@@ -189,7 +208,6 @@ export class Tokenizer {
         throw new IndexError(`${this.source}: token id ${id} is out of range (vocabulary has ${this.vocabSize} ids)`);
       }
     }
-    if (skipSpecial && ids.every((id) => this.specialIds.has(id))) return '';
     return this.hf.decode(ids as number[], {
       skip_special_tokens: skipSpecial,
       clean_up_tokenization_spaces: cleanUp,

@@ -1,0 +1,69 @@
+# lowrank_native: the CPU kernels. Each ISA's kernels are a static library compiled with only that ISA's flags
+# (never -march=native: the build machine need not be the machine that runs it); addon.cc picks one at load
+# time from what the CPU reports.
+{
+  'variables': {
+    'lowrank_cflags': ['-O3', '-fPIC', '-fvisibility=hidden', '-fno-math-errno', '-Wno-unknown-pragmas'],
+  },
+  'target_defaults': {
+    'cflags!': ['-O2', '-fno-exceptions'],
+    'cflags_cc!': ['-O2', '-fno-exceptions'],
+    'conditions': [
+      ['OS=="linux"', {
+        'cflags': ['-fopenmp'],
+        'ldflags': ['-fopenmp'],
+      }],
+    ],
+  },
+  'targets': [
+    {
+      'target_name': 'lowrank_generic',
+      'type': 'static_library',
+      'sources': ['gemm_generic.cc'],
+      'cflags': ['<@(lowrank_cflags)'],
+      'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)']},
+    },
+    {
+      'target_name': 'lowrank_avx2',
+      'type': 'static_library',
+      'conditions': [
+        ['target_arch=="x64"', {
+          'sources': ['gemm_avx2.cc'],
+          'cflags': ['<@(lowrank_cflags)', '-mavx2', '-mfma', '-mf16c'],
+          'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)', '-mavx2', '-mfma', '-mf16c']},
+        }],
+      ],
+    },
+    {
+      'target_name': 'lowrank_avx512',
+      'type': 'static_library',
+      'conditions': [
+        ['target_arch=="x64"', {
+          'sources': ['gemm_avx512.cc'],
+          'cflags': ['<@(lowrank_cflags)', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mfma', '-mf16c',
+                     # GCC 12's own headers trip these (_mm512_undefined_ps is a self-initialised variable)
+                     '-Wno-uninitialized', '-Wno-maybe-uninitialized'],
+          'xcode_settings': {
+            'OTHER_CFLAGS': ['<@(lowrank_cflags)', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mfma', '-mf16c'],
+          },
+        }],
+      ],
+    },
+    {
+      'target_name': 'lowrank_native',
+      'sources': ['addon.cc'],
+      'dependencies': [
+        "<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except",
+        'lowrank_generic',
+        'lowrank_avx2',
+        'lowrank_avx512',
+      ],
+      'cflags': ['-O3', '-fvisibility=hidden', '-Wno-unknown-pragmas'],
+      'cflags_cc': ['-fexceptions'],
+      'xcode_settings': {'GCC_ENABLE_CPP_EXCEPTIONS': 'YES'},
+      'conditions': [
+        ['OS=="linux"', {'libraries': ['-fopenmp']}],
+      ],
+    },
+  ],
+}

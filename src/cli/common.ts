@@ -1,0 +1,40 @@
+// Helpers shared by CLI commands: loading a model with its tokenizer, parsing numbers.
+
+import { ConfigError } from '../core/errors.ts';
+import type { DType } from '../core/dtype.ts';
+import { type LoadedModel, loadModel, resolveModelPath } from '../models/load.ts';
+import { loadTokenizer } from '../tokenize/hf.ts';
+import type { Tokenizer } from '../tokenize/tokenizer.ts';
+
+export interface ModelAndTokenizer extends LoadedModel {
+  tokenizer: Tokenizer;
+}
+
+export async function loadModelAndTokenizer(source: string, dtype: DType | 'auto' = 'auto'): Promise<ModelAndTokenizer> {
+  const path = await resolveModelPath(source);
+  const loaded = await loadModel(path, { dtype });
+  return { ...loaded, tokenizer: loadTokenizer(path) };
+}
+
+export function num(name: string, v: string | undefined, fallback: number): number {
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new ConfigError(`--${name} must be a number, got '${v}'`);
+  return n;
+}
+
+export function int(name: string, v: string | undefined, fallback: number): number {
+  const n = num(name, v, fallback);
+  if (!Number.isInteger(n)) throw new ConfigError(`--${name} must be an integer, got '${v}'`);
+  return n;
+}
+
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+export function parseDtype(v: string | undefined): DType | 'auto' {
+  if (v === undefined || v === 'auto') return 'auto';
+  if (v === 'f32' || v === 'bf16' || v === 'f16') return v;
+  throw new ConfigError(`--dtype must be auto, f32, bf16 or f16, got '${v}'`);
+}

@@ -1,0 +1,222 @@
+// The Llama family (llama, mistral, qwen2 with q/k/v bias, qwen3 with q/k norm) in one readable file.
+// Module names follow transformers, so checkpoints and PEFT adapters address the same paths.
+
+import type { DType } from '../core/dtype.ts';
+import { fmtShape, ShapeError } from '../core/errors.ts';
+import type { Rng } from '../core/rng.ts';
+import { keep } from '../core/scope.ts';
+import type { Tensor } from '../core/tensor.ts';
+import { Embedding, Linear, RMSNorm } from '../nn/layers.ts';
+import { Module, ModuleList } from '../nn/module.ts';
+import { gelu, swiglu } from '../ops/activation.ts';
+import { attention } from '../ops/attention.ts';
+import { add, mul } from '../ops/elementwise.ts';
+import { crossEntropy } from '../ops/loss.ts';
+import { linear } from '../ops/matmul.ts';
+import { type RopeConfig, rope, ropeInvFreq } from '../ops/rope.ts';
+import { reshape } from '../ops/shape.ts';
+import type { ModelConfig } from './config.ts';
+import type { KVCache } from './kv-cache.ts';
+
+/** The rotary settings of a model config. */
+export function ropeConfig(c: ModelConfig): RopeConfig {
+  const s = c.rope_scaling;
+  return {
+    theta: c.rope_theta,
+    headDim: c.head_dim,
+    rotaryDim: c.rotary_dim,
+    scaling:
+      s?.rope_type === 'linear'
+        ? { type: 'linear', factor: s.factor }
+        : s?.rope_type === 'llama3'
+          ? {
+              type: 'llama3',
+              factor: s.factor,
+              lowFreqFactor: s.low_freq_factor!,
+              highFreqFactor: s.high_freq_factor!,
+              originalMaxPositionEmbeddings: s.original_max_position_embeddings!,
+            }
+          : null,
+  };
+}
+
+/** A callable layer: Linear or an adapter wrapping it (LoRA). */
+export interface LinearLike extends Module {
+  forward(x: Tensor): Tensor;
+}
+
+/** Per-forward context shared by the layers. */
+export interface ForwardContext {
+  /** i32 [B, T] absolute positions (restart per packed sequence). */
+  positions: Tensor;
+  /** u8/i32 [B, Tk] key padding mask (1 = attend), over the whole cached length. */
+  keyMask?: Tensor | null;
+  /** i32 [B, T] sequence ids for packed rows (block-diagonal attention). */
+  seqIds?: Tensor | null;
+  cache?: KVCache | null;
+  /** Per-row adapter selection for mixed batches (serving): read by adapter layers. */
+  adapterRows?: unknown;
+}
+
+interface InitOptions {
+  dtype?: DType;
+  rng?: Rng;
+  empty?: boolean;
+}
+
+export class LlamaAttention extends Module {
+  constructor(
+    readonly cfg: ModelConfig,
+    readonly layerIdx: number,
+    o: InitOptions,
+  ) {
+    super();
+    const { hidden_size: h, num_attention_heads: nh, num_key_value_heads: nkv, head_dim: hd } = cfg;
+    const lo = { dtype: o.dtype, rng: o.rng, empty: o.empty };
+    this.child('q_proj', new Linear(h, nh * hd, { ...lo, bias: cfg.attention_bias }));
+    this.child('k_proj', new Linear(h, nkv * hd, { ...lo, bias: cfg.attention_bias }));
+    this.child('v_proj', new Linear(h, nkv * hd, { ...lo, bias: cfg.attention_bias }));
+    this.child('o_proj', new Linear(nh * hd, h, lo));
+    if (cfg.qk_norm) {
+      this.child('q_norm', new RMSNorm(hd, cfg.rms_norm_eps, { dtype: o.dtype }));
+      this.child('k_norm', new RMSNorm(hd, cfg.rms_norm_eps, { dtype: o.dtype }));
+    }
+  }
+
+  proj(name: string): LinearLike {
+    return this.getChild(name) as LinearLike;
+  }
+
+  forward(x: Tensor, ctx: ForwardContext, invFreq: Tensor): Tensor {
+    const [B, T] = x.shape as [number, number, number];
+    const { num_attention_heads: nh, num_key_value_heads: nkv, head_dim: hd } = this.cfg;
+    let q = reshape(this.proj('q_proj').forward(x), [B, T, nh, hd]);
+    let k = reshape(this.proj('k_proj').forward(x), [B, T, nkv, hd]);
+    let v = reshape(this.proj('v_proj').forward(x), [B, T, nkv, hd]);
+    if (this.cfg.qk_norm) {
+      q = (this.getChild('q_norm') as RMSNorm).forward(q);
+      k = (this.getChild('k_norm') as RMSNorm).forward(k);
+    }
+    q = rope(q, ctx.positions, invFreq);
+    k = rope(k, ctx.positions, invFreq);
+    if (ctx.cache) ({ k, v } = ctx.cache.append(this.layerIdx, k, v));
+    const a = attention(q, k, v, { keyMask: ctx.keyMask ?? null, seqIds: ctx.seqIds ?? null });
+    return this.proj('o_proj').forward(reshape(a, [B, T, nh * hd]));
+  }
+}
+
+export class LlamaMLP extends Module {
+  constructor(
+    readonly cfg: ModelConfig,
+    o: InitOptions,
+  ) {
+    super();
+    const lo = { dtype: o.dtype, rng: o.rng, empty: o.empty };
+    this.child('gate_proj', new Linear(cfg.hidden_size, cfg.intermediate_size, lo));
+    this.child('up_proj', new Linear(cfg.hidden_size, cfg.intermediate_size, lo));
+    this.child('down_proj', new Linear(cfg.intermediate_size, cfg.hidden_size, lo));
+  }
+  proj(name: string): LinearLike {
+    return this.getChild(name) as LinearLike;
+  }
+  forward(x: Tensor): Tensor {
+    const g = this.proj('gate_proj').forward(x);
+    const u = this.proj('up_proj').forward(x);
+    const h = this.cfg.hidden_act === 'silu' ? swiglu(g, u) : mul(gelu(g, this.cfg.hidden_act === 'gelu_pytorch_tanh'), u);
+    return this.proj('down_proj').forward(h);
+  }
+}
+
+export class LlamaDecoderLayer extends Module {
+  constructor(cfg: ModelConfig, idx: number, o: InitOptions) {
+    super();
+    this.child('self_attn', new LlamaAttention(cfg, idx, o));
+    this.child('mlp', new LlamaMLP(cfg, o));
+    this.child('input_layernorm', new RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, { dtype: o.dtype }));
+    this.child('post_attention_layernorm', new RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, { dtype: o.dtype }));
+  }
+  forward(x: Tensor, ctx: ForwardContext, invFreq: Tensor): Tensor {
+    const attn = this.getChild('self_attn') as LlamaAttention;
+    const mlp = this.getChild('mlp') as LlamaMLP;
+    const n1 = this.getChild('input_layernorm') as RMSNorm;
+    const n2 = this.getChild('post_attention_layernorm') as RMSNorm;
+    const h = add(x, attn.forward(n1.forward(x), ctx, invFreq));
+    return add(h, mlp.forward(n2.forward(h)));
+  }
+}
+
+export class LlamaModel extends Module {
+  readonly layers: ModuleList<LlamaDecoderLayer>;
+  constructor(cfg: ModelConfig, o: InitOptions) {
+    super();
+    this.child('embed_tokens', new Embedding(cfg.vocab_size, cfg.hidden_size, { dtype: o.dtype, rng: o.rng, empty: o.empty }));
+    this.layers = this.child(
+      'layers',
+      new ModuleList(Array.from({ length: cfg.num_hidden_layers }, (_, i) => new LlamaDecoderLayer(cfg, i, o))),
+    );
+    this.child('norm', new RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, { dtype: o.dtype }));
+  }
+}
+
+/** Wraps a decoder layer call, e.g. with gradient checkpointing. */
+export type LayerRunner = (layer: LlamaDecoderLayer, x: Tensor, ctx: ForwardContext, invFreq: Tensor) => Tensor;
+
+export class LlamaForCausalLM extends Module {
+  readonly invFreq: Tensor;
+  layerRunner: LayerRunner | null = null;
+
+  constructor(
+    readonly config: ModelConfig,
+    o: InitOptions = {},
+  ) {
+    super();
+    this.child('model', new LlamaModel(config, o));
+    if (!config.tie_word_embeddings)
+      this.child('lm_head', new Linear(config.hidden_size, config.vocab_size, { dtype: o.dtype, rng: o.rng, empty: o.empty }));
+    this.invFreq = keep(ropeInvFreq(ropeConfig(config)));
+  }
+
+  get inner(): LlamaModel {
+    return this.getChild('model') as LlamaModel;
+  }
+
+  /** The output head's weight [V, H] (the embedding table when tied). */
+  get lmHeadWeight(): Tensor {
+    const head = this.getChild('lm_head') as Linear | undefined;
+    return head ? head.weight : (this.inner.getChild('embed_tokens') as Embedding).weight;
+  }
+
+  /** Final hidden states [B, T, H] for ids [B, T]. */
+  hidden(ids: Tensor, ctx: ForwardContext): Tensor {
+    if (ids.ndim !== 2 || ids.dtype !== 'i32')
+      throw new ShapeError(`LlamaForCausalLM: input ids must be i32 [batch, seq], got ${fmtShape(ids.shape)} ${ids.dtype}`);
+    const m = this.inner;
+    let x = (m.getChild('embed_tokens') as Embedding).forward(ids);
+    for (const layer of m.layers.items)
+      x = this.layerRunner ? this.layerRunner(layer, x, ctx, this.invFreq) : layer.forward(x, ctx, this.invFreq);
+    return (m.getChild('norm') as RMSNorm).forward(x);
+  }
+
+  /** Logits [B, T, V]. */
+  forward(ids: Tensor, ctx: ForwardContext): Tensor {
+    return this.head(this.hidden(ids, ctx));
+  }
+
+  /** The output head on hidden states [..., H] -> logits [..., V]. */
+  head(h: Tensor): Tensor {
+    const head = this.getChild('lm_head') as LinearLike | undefined;
+    return head ? head.forward(h) : linear(h, this.lmHeadWeight);
+  }
+
+  /** Mean cross-entropy over labels != -100 (labels already shifted: label[t] is the target for position t). */
+  loss(ids: Tensor, labels: Tensor, ctx: ForwardContext): Tensor {
+    const logits = this.forward(ids, ctx);
+    const V = this.config.vocab_size;
+    return crossEntropy(reshape(logits, [-1, V]), reshape(labels, [-1]));
+  }
+
+  override dispose(): void {
+    super.dispose();
+    this.invFreq.dispose();
+  }
+}
