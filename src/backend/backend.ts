@@ -4,6 +4,7 @@
 // back to the reference for the rest; a CUDA backend implements the same interface.
 
 import type { DType } from '../core/dtype.ts';
+import type { OptimKernels } from './kernels/optim.ts';
 import type { Device, Storage } from '../core/storage.ts';
 import type { Tensor } from '../core/tensor.ts';
 import type { ActivationKernels } from './kernels/activation.ts';
@@ -91,7 +92,6 @@ export interface CoreKernels {
  * All kernels. Each fused family declares its kernels in src/backend/kernels/<family>.ts (an interface with
  * the TypeScript reference implementation beside it in src/backend/cpu/) and is listed here.
  */
-// biome-ignore lint/suspicious/noEmptyInterface: the list of kernel families grows here
 export interface Backend
   extends CoreKernels,
     RopeKernels,
@@ -100,4 +100,5 @@ export interface Backend
     ActivationKernels,
     LossKernels,
     EmbeddingKernels,
-    DropoutKernels {}
+    DropoutKernels,
+    OptimKernels {}

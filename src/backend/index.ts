@@ -20,5 +20,5 @@ function chooseBackend(): Backend {
   return jsBackend;
 }
 
-export { jsBackend };
 export type { Backend };
+export { jsBackend };

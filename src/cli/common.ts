@@ -1,7 +1,7 @@
 // Helpers shared by CLI commands: loading a model with its tokenizer, parsing numbers.
 
-import { ConfigError } from '../core/errors.ts';
 import type { DType } from '../core/dtype.ts';
+import { ConfigError } from '../core/errors.ts';
 import { type LoadedModel, loadModel, resolveModelPath } from '../models/load.ts';
 import { loadTokenizer } from '../tokenize/hf.ts';
 import type { Tokenizer } from '../tokenize/tokenizer.ts';
@@ -10,7 +10,10 @@ export interface ModelAndTokenizer extends LoadedModel {
   tokenizer: Tokenizer;
 }
 
-export async function loadModelAndTokenizer(source: string, dtype: DType | 'auto' = 'auto'): Promise<ModelAndTokenizer> {
+export async function loadModelAndTokenizer(
+  source: string,
+  dtype: DType | 'auto' = 'auto',
+): Promise<ModelAndTokenizer> {
   const path = await resolveModelPath(source);
   const loaded = await loadModel(path, { dtype });
   return { ...loaded, tokenizer: loadTokenizer(path) };

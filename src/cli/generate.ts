@@ -3,8 +3,8 @@
 import type { Command } from 'commander';
 import { ConfigError } from '../core/errors.ts';
 import { generateStream } from '../models/generate.ts';
-import { collect, int, loadModelAndTokenizer, num, parseDtype } from './common.ts';
 import { applyAdapterOptions } from './adapters.ts';
+import { collect, int, loadModelAndTokenizer, num, parseDtype } from './common.ts';
 
 interface GenerateCliOptions {
   model: string;

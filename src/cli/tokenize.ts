@@ -20,32 +20,34 @@ export function registerTokenize(program: Command): void {
     .option('--decode', 'the input is a JSON array of ids: print the text')
     .option('--no-special', 'do not add special tokens (BOS/EOS)')
     .argument('[text]', "text, or '-' for standard input")
-    .action(async (text: string | undefined, o: { model: string; chat?: boolean; decode?: boolean; special: boolean }) => {
-      const tok = loadTokenizer(await resolveModelPath(o.model));
-      const input = readInput(text);
-      if (o.decode) {
-        let ids: unknown;
-        try {
-          ids = JSON.parse(input);
-        } catch {
-          throw new ConfigError('--decode expects a JSON array of token ids, e.g. [1, 2, 3]');
+    .action(
+      async (text: string | undefined, o: { model: string; chat?: boolean; decode?: boolean; special: boolean }) => {
+        const tok = loadTokenizer(await resolveModelPath(o.model));
+        const input = readInput(text);
+        if (o.decode) {
+          let ids: unknown;
+          try {
+            ids = JSON.parse(input);
+          } catch {
+            throw new ConfigError('--decode expects a JSON array of token ids, e.g. [1, 2, 3]');
+          }
+          if (!Array.isArray(ids) || !ids.every((x) => Number.isInteger(x)))
+            throw new ConfigError('--decode expects a JSON array of integer token ids');
+          process.stdout.write(`${tok.decode(ids as number[])}\n`);
+          return;
         }
-        if (!Array.isArray(ids) || !ids.every((x) => Number.isInteger(x)))
-          throw new ConfigError('--decode expects a JSON array of integer token ids');
-        process.stdout.write(`${tok.decode(ids as number[])}\n`);
-        return;
-      }
-      if (o.chat) {
-        let messages: unknown;
-        try {
-          messages = JSON.parse(input);
-        } catch {
-          throw new ConfigError('--chat expects a JSON array of {"role", "content"} messages');
+        if (o.chat) {
+          let messages: unknown;
+          try {
+            messages = JSON.parse(input);
+          } catch {
+            throw new ConfigError('--chat expects a JSON array of {"role", "content"} messages');
+          }
+          const ids = tok.encodeChat(messages as { role: string; content: string }[], { addGenerationPrompt: true });
+          process.stdout.write(`${JSON.stringify(ids)}\n`);
+          return;
         }
-        const ids = tok.encodeChat(messages as { role: string; content: string }[], { addGenerationPrompt: true });
-        process.stdout.write(`${JSON.stringify(ids)}\n`);
-        return;
-      }
-      process.stdout.write(`${JSON.stringify(tok.encode(input, { addSpecialTokens: o.special }))}\n`);
-    });
+        process.stdout.write(`${JSON.stringify(tok.encode(input, { addSpecialTokens: o.special }))}\n`);
+      },
+    );
 }

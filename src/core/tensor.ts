@@ -77,7 +77,13 @@ export class Tensor implements Disposable {
   static fromTyped(data: AnyTypedArray, shape: Shape, dtype?: DType): Tensor {
     const dt: DType =
       dtype ??
-      (data instanceof Float32Array ? 'f32' : data instanceof Int32Array ? 'i32' : data instanceof Uint8Array ? 'u8' : 'bf16');
+      (data instanceof Float32Array
+        ? 'f32'
+        : data instanceof Int32Array
+          ? 'i32'
+          : data instanceof Uint8Array
+            ? 'u8'
+            : 'bf16');
     checkShape('fromTyped', shape);
     if (numel(shape) !== data.length)
       throw new ShapeError(`fromTyped: ${data.length} values do not fill shape ${fmtShape(shape)}`);

@@ -395,7 +395,9 @@ function parseHeader(src: ByteSource): ParsedHeader {
   if (Object.hasOwn(metadata, 'general.alignment')) {
     const a = metadata['general.alignment'];
     if (metadataTypes['general.alignment'] !== 'u32' || typeof a !== 'number' || a === 0 || (a & (a - 1)) !== 0) {
-      c.fail(`general.alignment must be a u32 power of two, got ${String(a)} (${JSON.stringify(metadataTypes['general.alignment'])})`);
+      c.fail(
+        `general.alignment must be a u32 power of two, got ${String(a)} (${JSON.stringify(metadataTypes['general.alignment'])})`,
+      );
     }
     alignment = a;
   }
@@ -413,7 +415,8 @@ function parseHeader(src: ByteSource): ParsedHeader {
     let numel = 1;
     for (let d = 0; d < nDims; d++) {
       const v = c.u64(`dimension ${d} of ${where}`);
-      if (v > BigInt(Number.MAX_SAFE_INTEGER)) c.fail(`${where} dimension ${d} is ${v}: too large; the file is corrupt`);
+      if (v > BigInt(Number.MAX_SAFE_INTEGER))
+        c.fail(`${where} dimension ${d} is ${v}: too large; the file is corrupt`);
       dims.push(Number(v));
       numel *= Number(v);
       if (!Number.isSafeInteger(numel)) c.fail(`${where} has too many elements (${dims.join(' x ')}...)`);
@@ -544,7 +547,12 @@ export function readGguf(path: string): GgufFile {
 export function parseGguf(bytes: Uint8Array, name = '<buffer>'): GgufFile {
   const readAt = (pos: number, len: number) => bytes.subarray(pos, pos + len);
   const src: ByteSource = { name, size: bytes.byteLength, read: readAt };
-  return new GgufFileImpl(src, parseHeader(src), (p, l) => copyBytes(bytes, p, p + l), () => {});
+  return new GgufFileImpl(
+    src,
+    parseHeader(src),
+    (p, l) => copyBytes(bytes, p, p + l),
+    () => {},
+  );
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -692,7 +700,8 @@ class Bytes {
 }
 
 function writeScalar(out: Bytes, t: GgufScalarType, v: GgufValue, key: string): void {
-  const bad = (): never => werr(`"${key}": ${typeof v === 'string' ? JSON.stringify(v) : String(v)} is not a valid ${t}`);
+  const bad = (): never =>
+    werr(`"${key}": ${typeof v === 'string' ? JSON.stringify(v) : String(v)} is not a valid ${t}`);
   switch (t) {
     case 'string':
       if (typeof v !== 'string') bad();
@@ -734,7 +743,8 @@ function writeValue(out: Bytes, spec: GgufTypeSpec, v: GgufValue, key: string, w
     writeScalar(out, spec, v, key);
     return;
   }
-  if (typeof spec !== 'object' || spec === null || !('array' in spec)) werr(`"${key}": bad type ${JSON.stringify(spec)}`);
+  if (typeof spec !== 'object' || spec === null || !('array' in spec))
+    werr(`"${key}": bad type ${JSON.stringify(spec)}`);
   if (!Array.isArray(v)) werr(`"${key}": type is an array but the value is ${typeof v}`);
   if (withType) out.u32(VT_ID.array);
   const item = spec.array;
@@ -827,10 +837,18 @@ function planGguf(opts: GgufWriteOptions): { header: Uint8Array; plans: TensorPl
     if (names.has(t.name)) werr(`tensor "${t.name}" appears twice`);
     names.add(t.name);
     if (Buffer.byteLength(t.name, 'utf8') >= GGML_MAX_NAME) {
-      werr(`tensor name "${t.name}" is ${Buffer.byteLength(t.name)} bytes; llama.cpp allows at most ${GGML_MAX_NAME - 1}`);
+      werr(
+        `tensor name "${t.name}" is ${Buffer.byteLength(t.name)} bytes; llama.cpp allows at most ${GGML_MAX_NAME - 1}`,
+      );
     }
-    if (!Array.isArray(t.shape) || t.shape.length > GGUF_MAX_DIMS || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      werr(`tensor "${t.name}": shape ${JSON.stringify(t.shape)} must be at most ${GGUF_MAX_DIMS} non-negative integers`);
+    if (
+      !Array.isArray(t.shape) ||
+      t.shape.length > GGUF_MAX_DIMS ||
+      !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)
+    ) {
+      werr(
+        `tensor "${t.name}": shape ${JSON.stringify(t.shape)} must be at most ${GGUF_MAX_DIMS} non-negative integers`,
+      );
     }
     const type = resolveType(t);
     const ne0 = t.shape.length ? t.shape[t.shape.length - 1]! : 1;

@@ -58,7 +58,12 @@ export function isHubUri(s: string): boolean {
 }
 
 function checkRelPath(p: string, what: string, uri: string): void {
-  if (p === '' || p.startsWith('/') || p.includes('\\') || p.split('/').some((s) => s === '' || s === '.' || s === '..')) {
+  if (
+    p === '' ||
+    p.startsWith('/') ||
+    p.includes('\\') ||
+    p.split('/').some((s) => s === '' || s === '.' || s === '..')
+  ) {
     throw new ConfigError(`${uri}: ${what} "${p}" must be a relative path without empty, "." or ".." parts`);
   }
 }
@@ -201,7 +206,12 @@ async function fileMeta(s: Settings, repo: string, revision: string, file: strin
   const url = `${s.endpoint}/${repo}/resolve/${encodeURIComponent(revision)}/${encodePath(file)}`;
   let current = url;
   for (let hop = 0; hop < 5; hop++) {
-    const res = await request(s, current, { method: 'HEAD', redirect: 'manual', headers: headers(s, { 'accept-encoding': 'identity' }) }, what);
+    const res = await request(
+      s,
+      current,
+      { method: 'HEAD', redirect: 'manual', headers: headers(s, { 'accept-encoding': 'identity' }) },
+      what,
+    );
     const h = res.headers;
     const location = h.get('location');
     if (res.status >= 300 && res.status < 400 && location) {
@@ -429,11 +439,12 @@ function shardsOf(indexPath: string): string[] | null {
 
 /** Whether a snapshot folder holds a usable model or adapter (config plus complete safetensors weights). */
 function snapshotComplete(dir: string): boolean {
-  if (!fs.existsSync(path.join(dir, 'config.json')) && !fs.existsSync(path.join(dir, 'adapter_config.json'))) return false;
+  if (!fs.existsSync(path.join(dir, 'config.json')) && !fs.existsSync(path.join(dir, 'adapter_config.json')))
+    return false;
   const index = path.join(dir, 'model.safetensors.index.json');
   if (fs.existsSync(index)) {
     const shards = shardsOf(index);
-    return shards !== null && shards.every((f) => fs.existsSync(path.join(dir, f)));
+    return shards?.every((f) => fs.existsSync(path.join(dir, f))) ?? false;
   }
   return fs.readdirSync(dir).some((f) => f.endsWith('.safetensors') && fs.existsSync(path.join(dir, f)));
 }

@@ -227,11 +227,7 @@ function validateHeader(
       fail(file, `${where}: shape must be a list of non-negative integers, got ${describe(e.shape)}`);
     }
     const off = e.data_offsets;
-    if (
-      !Array.isArray(off) ||
-      off.length !== 2 ||
-      !off.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)
-    ) {
+    if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
       fail(file, `${where}: data_offsets must be [begin, end] non-negative integers, got ${describe(off)}`);
     }
     entries.push({ name, dtype: e.dtype, shape: e.shape as number[], begin: off[0] as number, end: off[1] as number });
@@ -398,7 +394,10 @@ export function openSafetensors(file: string): SafetensorsReader {
 }
 
 /** Reads a whole file into memory (small files: adapters, tests). */
-export function loadSafetensors(file: string): { tensors: Record<string, RawTensor>; metadata: Record<string, string> } {
+export function loadSafetensors(file: string): {
+  tensors: Record<string, RawTensor>;
+  metadata: Record<string, string>;
+} {
   const r = openSafetensors(file);
   try {
     const tensors: Record<string, RawTensor> = {};
@@ -517,7 +516,9 @@ class SafetensorsIndex implements SafetensorsReader {
  * Opens a sharded checkpoint through its index (model.safetensors.index.json, or the one *.safetensors.index.json
  * in a folder). Every shard header is read and checked against the weight_map now.
  */
-export function openSafetensorsIndex(dirOrIndex: string): SafetensorsReader & { indexMetadata: Record<string, unknown> } {
+export function openSafetensorsIndex(
+  dirOrIndex: string,
+): SafetensorsReader & { indexMetadata: Record<string, unknown> } {
   let indexPath = dirOrIndex;
   if (fs.statSync(dirOrIndex).isDirectory()) {
     const preferred = path.join(dirOrIndex, 'model.safetensors.index.json');
@@ -605,7 +606,10 @@ function checkProduced(name: string, want: number, got: Uint8Array): Uint8Array 
 }
 
 /** Serializes to one buffer, byte-identical to the reference `serialize` (metadata keys in insertion order). */
-export function serializeSafetensors(tensors: Record<string, TensorSource>, metadata?: Record<string, string>): Uint8Array {
+export function serializeSafetensors(
+  tensors: Record<string, TensorSource>,
+  metadata?: Record<string, string>,
+): Uint8Array {
   const p = plan(tensors, metadata);
   const out = new Uint8Array(p.header.byteLength + p.dataLength);
   out.set(p.header, 0);
@@ -683,7 +687,10 @@ function alignedView<T>(b: Uint8Array, size: number, make: (buf: ArrayBufferLike
 }
 
 /** f16 bytes -> f32 values. */
-export function f16BytesToF32(bytes: Uint8Array, out: Float32Array = new Float32Array(bytes.byteLength >> 1)): Float32Array {
+export function f16BytesToF32(
+  bytes: Uint8Array,
+  out: Float32Array = new Float32Array(bytes.byteLength >> 1),
+): Float32Array {
   const t = f16LookupTable();
   const u = u16View(bytes);
   for (let i = 0; i < u.length; i++) out[i] = t[u[i]!]!;
@@ -691,7 +698,10 @@ export function f16BytesToF32(bytes: Uint8Array, out: Float32Array = new Float32
 }
 
 /** bf16 bytes -> f32 values (a bf16 is the top half of an f32). */
-export function bf16BytesToF32(bytes: Uint8Array, out: Float32Array = new Float32Array(bytes.byteLength >> 1)): Float32Array {
+export function bf16BytesToF32(
+  bytes: Uint8Array,
+  out: Float32Array = new Float32Array(bytes.byteLength >> 1),
+): Float32Array {
   const u = u16View(bytes);
   const o = new Uint32Array(out.buffer, out.byteOffset, u.length);
   for (let i = 0; i < u.length; i++) o[i] = u[i]! << 16;

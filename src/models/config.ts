@@ -40,7 +40,12 @@ export interface ModelConfig {
   torch_dtype: string;
 }
 
-const ARCH_BY_MODEL_TYPE: Record<string, Architecture> = { llama: 'llama', mistral: 'mistral', qwen2: 'qwen2', qwen3: 'qwen3' };
+const ARCH_BY_MODEL_TYPE: Record<string, Architecture> = {
+  llama: 'llama',
+  mistral: 'mistral',
+  qwen2: 'qwen2',
+  qwen3: 'qwen3',
+};
 
 function num(src: string, obj: Record<string, unknown>, key: string, fallback?: number): number {
   const v = obj[key];
@@ -55,7 +60,8 @@ function num(src: string, obj: Record<string, unknown>, key: string, fallback?: 
 
 function posInt(src: string, obj: Record<string, unknown>, key: string, fallback?: number): number {
   const v = num(src, obj, key, fallback);
-  if (!Number.isInteger(v) || v <= 0) throw new ConfigError(`${src}: field '${key}' must be a positive integer, got ${v}`);
+  if (!Number.isInteger(v) || v <= 0)
+    throw new ConfigError(`${src}: field '${key}' must be a positive integer, got ${v}`);
   return v;
 }
 
@@ -116,16 +122,20 @@ export function configFromHF(json: Record<string, unknown>, src = 'config.json')
     bos_token_id: typeof json.bos_token_id === 'number' ? json.bos_token_id : null,
     eos_token_id: typeof eos === 'number' || Array.isArray(eos) ? (eos as number | number[]) : null,
     pad_token_id: typeof json.pad_token_id === 'number' ? json.pad_token_id : null,
-    torch_dtype: typeof json.torch_dtype === 'string' ? json.torch_dtype : typeof json.dtype === 'string' ? json.dtype : 'float32',
+    torch_dtype:
+      typeof json.torch_dtype === 'string' ? json.torch_dtype : typeof json.dtype === 'string' ? json.dtype : 'float32',
   };
 }
 
 /** The config.json that transformers writes for this config. */
 export function configToHF(c: ModelConfig): Record<string, unknown> {
   const modelType = c.architecture;
-  const archClass = { llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM' }[
-    modelType
-  ];
+  const archClass = {
+    llama: 'LlamaForCausalLM',
+    mistral: 'MistralForCausalLM',
+    qwen2: 'Qwen2ForCausalLM',
+    qwen3: 'Qwen3ForCausalLM',
+  }[modelType];
   const out: Record<string, unknown> = {
     architectures: [archClass],
     model_type: modelType,
@@ -155,9 +165,13 @@ export function configToHF(c: ModelConfig): Record<string, unknown> {
 /** Maps GGUF llama-architecture metadata onto the same config. */
 export function configFromGguf(meta: Record<string, unknown>, src = 'model.gguf'): ModelConfig {
   const arch = meta['general.architecture'];
-  if (typeof arch !== 'string')
-    throw new ConfigError(`${src}: general.architecture is missing`);
-  const supported: Record<string, Architecture> = { llama: 'llama', mistral: 'mistral', qwen2: 'qwen2', qwen3: 'qwen3' };
+  if (typeof arch !== 'string') throw new ConfigError(`${src}: general.architecture is missing`);
+  const supported: Record<string, Architecture> = {
+    llama: 'llama',
+    mistral: 'mistral',
+    qwen2: 'qwen2',
+    qwen3: 'qwen3',
+  };
   const a = supported[arch as string];
   if (!a) throw new ConfigError(`${src}: architecture '${arch}' is not supported (llama, mistral, qwen2, qwen3)`);
   const k = (name: string) => `${arch}.${name}`;

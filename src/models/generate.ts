@@ -99,7 +99,10 @@ export class DecodeSession {
         const idT = intTensor(ids, [B, T]);
         const ctx: ForwardContext = {
           positions: intTensor(pos, [B, T]),
-          keyMask: valid || this.mask.some((m) => m.includes(0)) ? intTensor(this.mask.flat(), [B, this.mask[0]!.length]) : null,
+          keyMask:
+            valid || this.mask.some((m) => m.includes(0))
+              ? intTensor(this.mask.flat(), [B, this.mask[0]!.length])
+              : null,
           cache: this.cache,
           adapterRows: this.adapterRows,
         };
@@ -181,7 +184,8 @@ export function* generateSteps(
   if (promptIds.length === 0) throw new RequestError('generate: the prompt is empty (no tokens)');
   const params = samplingOf(opts);
   const maxTokens = opts.maxTokens ?? 128;
-  if (!Number.isInteger(maxTokens) || maxTokens < 0) throw new RequestError(`max_tokens must be an integer >= 0, got ${maxTokens}`);
+  if (!Number.isInteger(maxTokens) || maxTokens < 0)
+    throw new RequestError(`max_tokens must be an integer >= 0, got ${maxTokens}`);
   const rng = new Rng(opts.seed ?? 0);
   const stops = opts.stop ?? [];
   const stopIds = new Set(opts.stopTokenIds ?? []);
@@ -229,7 +233,12 @@ export function* generateSteps(
 }
 
 /** Runs generation to the end. */
-export function generate(model: LlamaForCausalLM, tok: GenTokenizer, promptIds: readonly number[], opts: GenerateOptions = {}): GenerationResult {
+export function generate(
+  model: LlamaForCausalLM,
+  tok: GenTokenizer,
+  promptIds: readonly number[],
+  opts: GenerateOptions = {},
+): GenerationResult {
   const it = generateSteps(model, tok, promptIds, opts);
   while (true) {
     const r = it.next();
@@ -238,7 +247,11 @@ export function generate(model: LlamaForCausalLM, tok: GenTokenizer, promptIds: 
 }
 
 /** Greedy/sampled generation for several prompts at once (left-padded batch); returns the tokens per row. */
-export function generateBatch(model: LlamaForCausalLM, prompts: number[][], opts: GenerateOptions & { eosIds?: number[] } = {}): number[][] {
+export function generateBatch(
+  model: LlamaForCausalLM,
+  prompts: number[][],
+  opts: GenerateOptions & { eosIds?: number[] } = {},
+): number[][] {
   const params = samplingOf(opts);
   const maxTokens = opts.maxTokens ?? 32;
   const B = prompts.length;

@@ -1,9 +1,9 @@
 // KV cache: per layer, K and V of shape [B, capacity, Hkv, D]. Decoding writes the new positions in place
 // and attends over a view of the first `length` positions (no copies of the past).
 
+import { getBackend } from '../backend/index.ts';
 import { ShapeError } from '../core/errors.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from '../ops/create.ts';
 import type { ModelConfig } from './config.ts';
 

@@ -122,7 +122,8 @@ export class LlamaMLP extends Module {
   forward(x: Tensor): Tensor {
     const g = this.proj('gate_proj').forward(x);
     const u = this.proj('up_proj').forward(x);
-    const h = this.cfg.hidden_act === 'silu' ? swiglu(g, u) : mul(gelu(g, this.cfg.hidden_act === 'gelu_pytorch_tanh'), u);
+    const h =
+      this.cfg.hidden_act === 'silu' ? swiglu(g, u) : mul(gelu(g, this.cfg.hidden_act === 'gelu_pytorch_tanh'), u);
     return this.proj('down_proj').forward(h);
   }
 }
@@ -149,7 +150,10 @@ export class LlamaModel extends Module {
   readonly layers: ModuleList<LlamaDecoderLayer>;
   constructor(cfg: ModelConfig, o: InitOptions) {
     super();
-    this.child('embed_tokens', new Embedding(cfg.vocab_size, cfg.hidden_size, { dtype: o.dtype, rng: o.rng, empty: o.empty }));
+    this.child(
+      'embed_tokens',
+      new Embedding(cfg.vocab_size, cfg.hidden_size, { dtype: o.dtype, rng: o.rng, empty: o.empty }),
+    );
     this.layers = this.child(
       'layers',
       new ModuleList(Array.from({ length: cfg.num_hidden_layers }, (_, i) => new LlamaDecoderLayer(cfg, i, o))),
@@ -172,7 +176,10 @@ export class LlamaForCausalLM extends Module {
     super();
     this.child('model', new LlamaModel(config, o));
     if (!config.tie_word_embeddings)
-      this.child('lm_head', new Linear(config.hidden_size, config.vocab_size, { dtype: o.dtype, rng: o.rng, empty: o.empty }));
+      this.child(
+        'lm_head',
+        new Linear(config.hidden_size, config.vocab_size, { dtype: o.dtype, rng: o.rng, empty: o.empty }),
+      );
     this.invFreq = keep(ropeInvFreq(ropeConfig(config)));
   }
 
@@ -189,7 +196,9 @@ export class LlamaForCausalLM extends Module {
   /** Final hidden states [B, T, H] for ids [B, T]. */
   hidden(ids: Tensor, ctx: ForwardContext): Tensor {
     if (ids.ndim !== 2 || ids.dtype !== 'i32')
-      throw new ShapeError(`LlamaForCausalLM: input ids must be i32 [batch, seq], got ${fmtShape(ids.shape)} ${ids.dtype}`);
+      throw new ShapeError(
+        `LlamaForCausalLM: input ids must be i32 [batch, seq], got ${fmtShape(ids.shape)} ${ids.dtype}`,
+      );
     const m = this.inner;
     let x = (m.getChild('embed_tokens') as Embedding).forward(ids);
     for (const layer of m.layers.items)

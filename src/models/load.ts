@@ -34,7 +34,8 @@ export interface LoadedModel {
 /** Resolves a model argument to a local path (downloading hf:// sources into the HF cache). */
 export async function resolveModelPath(source: string): Promise<string> {
   if (isHubUri(source)) return resolveHubUri(source);
-  if (!existsSync(source)) throw new ConfigError(`model '${source}' does not exist (give a model dir, a .gguf file or hf://owner/repo)`);
+  if (!existsSync(source))
+    throw new ConfigError(`model '${source}' does not exist (give a model dir, a .gguf file or hf://owner/repo)`);
   return source;
 }
 
@@ -49,7 +50,9 @@ function openWeights(dir: string): SafetensorsReader {
   if (existsSync(join(dir, 'model.safetensors.index.json'))) return openSafetensorsIndex(dir);
   const single = join(dir, 'model.safetensors');
   if (existsSync(single)) return openSafetensors(single);
-  throw new FormatError(`${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are read)`);
+  throw new FormatError(
+    `${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are read)`,
+  );
 }
 
 export function readHFConfig(dir: string): ModelConfig {
@@ -191,7 +194,9 @@ export async function loadGgufModel(path: string, opts: LoadOptions = {}): Promi
         const p = params.get(hf);
         if (!p) throw new FormatError(`${path}: tensor '${info.name}' (${hf}) has no place in the model`);
         if (info.shape.join() !== p.shape.join())
-          throw new FormatError(`${path}: tensor '${info.name}' has shape [${info.shape}] but the model expects [${p.shape}]`);
+          throw new FormatError(
+            `${path}: tensor '${info.name}' has shape [${info.shape}] but the model expects [${p.shape}]`,
+          );
         let vals = g.readTensorF32(info);
         if (permuted && /attn_q\.weight$/.test(info.name))
           vals = unpermuteRope(vals, p.shape[0]!, p.shape[1]!, config.num_attention_heads);

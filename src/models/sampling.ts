@@ -24,7 +24,8 @@ export function validateSampling(p: SamplingParams, where = 'sampling'): void {
     throw new RequestError(`${where}: temperature must be >= 0, got ${p.temperature}`);
   if (!(p.topP > 0 && p.topP <= 1)) throw new RequestError(`${where}: top_p must be in (0, 1], got ${p.topP}`);
   if (!(p.minP >= 0 && p.minP <= 1)) throw new RequestError(`${where}: min_p must be in [0, 1], got ${p.minP}`);
-  if (!Number.isInteger(p.topK) || p.topK < 0) throw new RequestError(`${where}: top_k must be an integer >= 0, got ${p.topK}`);
+  if (!Number.isInteger(p.topK) || p.topK < 0)
+    throw new RequestError(`${where}: top_k must be an integer >= 0, got ${p.topK}`);
   if (!(p.repetitionPenalty > 0))
     throw new RequestError(`${where}: repetition_penalty must be > 0, got ${p.repetitionPenalty}`);
 }

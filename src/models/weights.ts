@@ -1,13 +1,25 @@
 // Moving tensors between lowrank's Tensor and the file formats' raw tensors, without a second full copy.
 
 import { type DType, encodeScalar, itemSize } from '../core/dtype.ts';
-import { fmtShape, FormatError } from '../core/errors.ts';
+import { FormatError, fmtShape } from '../core/errors.ts';
 import { numel, type Tensor } from '../core/tensor.ts';
 import type { RawTensor, SafetensorsDType } from '../formats/safetensors.ts';
 import { toFloat32 } from '../formats/safetensors.ts';
 
-export const SAFETENSORS_OF: Record<DType, SafetensorsDType> = { f32: 'F32', bf16: 'BF16', f16: 'F16', i32: 'I32', u8: 'U8' };
-export const DTYPE_OF: Partial<Record<SafetensorsDType, DType>> = { F32: 'f32', BF16: 'bf16', F16: 'f16', I32: 'i32', U8: 'u8' };
+export const SAFETENSORS_OF: Record<DType, SafetensorsDType> = {
+  f32: 'F32',
+  bf16: 'BF16',
+  f16: 'F16',
+  i32: 'I32',
+  u8: 'U8',
+};
+export const DTYPE_OF: Partial<Record<SafetensorsDType, DType>> = {
+  F32: 'f32',
+  BF16: 'bf16',
+  F16: 'f16',
+  I32: 'i32',
+  U8: 'u8',
+};
 
 /** Copies a raw tensor into t's storage, converting dtype when they differ. `where` names file and tensor. */
 export function fillFromRaw(t: Tensor, raw: RawTensor, where: string): void {

@@ -27,9 +27,18 @@ export class Linear extends Module {
     super();
     const bound = 1 / Math.sqrt(inFeatures);
     const dtype = opts.dtype ?? 'f32';
-    const w = opts.empty ? empty([outFeatures, inFeatures], dtype) : uniform([outFeatures, inFeatures], -bound, bound, opts.rng ?? globalRng, dtype);
+    const w = opts.empty
+      ? empty([outFeatures, inFeatures], dtype)
+      : uniform([outFeatures, inFeatures], -bound, bound, opts.rng ?? globalRng, dtype);
     this.param('weight', w);
-    this.param('bias', opts.bias ? (opts.empty ? empty([outFeatures]) : uniform([outFeatures], -bound, bound, opts.rng ?? globalRng)) : null);
+    this.param(
+      'bias',
+      opts.bias
+        ? opts.empty
+          ? empty([outFeatures])
+          : uniform([outFeatures], -bound, bound, opts.rng ?? globalRng)
+        : null,
+    );
   }
   get weight(): Tensor {
     return this.getParam('weight')!;
@@ -52,7 +61,10 @@ export class Embedding extends Module {
     super();
     const shape = [numEmbeddings, dim];
     const dtype = opts.dtype ?? 'f32';
-    this.param('weight', opts.empty ? empty(shape, dtype) : randn(shape, { std: opts.std ?? 0.02, rng: opts.rng, dtype }));
+    this.param(
+      'weight',
+      opts.empty ? empty(shape, dtype) : randn(shape, { std: opts.std ?? 0.02, rng: opts.rng, dtype }),
+    );
   }
   get weight(): Tensor {
     return this.getParam('weight')!;

@@ -2,11 +2,11 @@
 // Face's forms, and numerically stable softmax / log-softmax over the last axis. Inputs of other float dtypes
 // or layouts are converted to contiguous f32 first (the CPU compute dtype).
 
+import { getBackend } from '../backend/index.ts';
+import type { GeluApproximate } from '../backend/kernels/activation.ts';
 import { isFloat } from '../core/dtype.ts';
 import { ConfigError, DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import { sameShape, type Tensor } from '../core/tensor.ts';
-import type { GeluApproximate } from '../backend/kernels/activation.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { relu, sigmoid, silu, tanh } from './elementwise.ts';
 import { f32c } from './shape.ts';

@@ -1,10 +1,10 @@
 // Tensor factories on the active backend.
 
+import { getBackend } from '../backend/index.ts';
 import { type AnyTypedArray, type DType, fromF32 } from '../core/dtype.ts';
 import { fmtShape, ShapeError } from '../core/errors.ts';
 import { globalRng, type Rng } from '../core/rng.ts';
 import { checkShape, numel, type Shape, Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 
 /** A new zero-filled tensor (f32 unless told). */
 export function empty(shape: Shape, dtype: DType = 'f32'): Tensor {

@@ -3,11 +3,11 @@
 // and the backward regenerates the same mask from them, so nothing mask-sized is ever stored. The same Rng
 // state gives the same mask on every backend.
 
+import { getBackend } from '../backend/index.ts';
 import { isFloat } from '../core/dtype.ts';
 import { ConfigError, DTypeError, fmtShape } from '../core/errors.ts';
 import type { Rng } from '../core/rng.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { f32c } from './shape.ts';
 import { noGrad, record } from './tape.ts';

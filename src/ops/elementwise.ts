@@ -1,9 +1,9 @@
 // Elementwise ops with broadcasting: add, sub, mul, div, scale, and unary math. Inputs of other float
 // dtypes are converted to f32 (the CPU compute dtype).
 
-import { numel, sameShape, type Tensor } from '../core/tensor.ts';
 import type { BinaryOp, UnaryOp } from '../backend/backend.ts';
 import { getBackend } from '../backend/index.ts';
+import { numel, sameShape, type Tensor } from '../core/tensor.ts';
 import { empty, scalar } from './create.ts';
 import { sumToShape } from './reduce.ts';
 import { broadcastShapes, expandView, f32c } from './shape.ts';

@@ -2,10 +2,10 @@
 // place and the output is f32. The backward scatter-adds into a dense f32 table gradient, and only when the
 // table requires a gradient (a frozen base embedding records nothing).
 
+import { getBackend } from '../backend/index.ts';
 import { isFloat } from '../core/dtype.ts';
 import { DTypeError, fmtShape, IndexError, ShapeError } from '../core/errors.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { contiguous } from './shape.ts';
 import { noGrad, record } from './tape.ts';

@@ -3,10 +3,10 @@
 // (softmax - onehot) * g / count straight into one new logits-sized gradient buffer. With a 32k-150k vocab
 // this is the difference between one and three logits-sized buffers.
 
+import { getBackend } from '../backend/index.ts';
+import type { LossReduction } from '../backend/kernels/loss.ts';
 import { ConfigError, DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import { sameShape, type Tensor } from '../core/tensor.ts';
-import type { LossReduction } from '../backend/kernels/loss.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { contiguous, f32c } from './shape.ts';
 import { noGrad, record } from './tape.ts';
@@ -32,7 +32,9 @@ export function crossEntropy(logits: Tensor, targets: Tensor, opts: CrossEntropy
   if (reduction !== 'mean' && reduction !== 'sum' && reduction !== 'none')
     throw new ConfigError(`crossEntropy: reduction must be 'mean', 'sum' or 'none', got '${reduction}'`);
   if (targets.dtype !== 'i32')
-    throw new DTypeError(`crossEntropy: targets ${fmtShape(targets.shape)} must be i32 token ids, got ${targets.dtype}`);
+    throw new DTypeError(
+      `crossEntropy: targets ${fmtShape(targets.shape)} must be i32 token ids, got ${targets.dtype}`,
+    );
   if (logits.dtype === 'i32' || logits.dtype === 'u8')
     throw new DTypeError(`crossEntropy: logits ${fmtShape(logits.shape)} must be a float tensor, got ${logits.dtype}`);
   if (logits.ndim < 1 || !sameShape(logits.shape.slice(0, -1), targets.shape))

@@ -2,12 +2,12 @@
 // linear computes no weight gradient when W does not require one: a frozen base weight costs only the
 // input-gradient product in backward.
 
+import { getBackend } from '../backend/index.ts';
 import { fmtShape, ShapeError } from '../core/errors.ts';
 import { numel, type Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
-import { contiguous, f32c, reshape } from './shape.ts';
 import { sum } from './reduce.ts';
+import { contiguous, f32c, reshape } from './shape.ts';
 import { record } from './tape.ts';
 
 /** How a matrix operand is laid out: row-major as is, or the transpose of a row-major matrix. */
@@ -44,7 +44,8 @@ function layout(x: Tensor): MatLayout {
 
 /** C = A @ B for A [..., m, k] and B [..., k, n] (batch dims equal) or B [k, n]. f32 out. */
 export function matmul(a: Tensor, b: Tensor): Tensor {
-  if (a.ndim < 2 || b.ndim < 2) throw new ShapeError(`matmul: operands need >= 2 dims, got ${fmtShape(a.shape)} and ${fmtShape(b.shape)}`);
+  if (a.ndim < 2 || b.ndim < 2)
+    throw new ShapeError(`matmul: operands need >= 2 dims, got ${fmtShape(a.shape)} and ${fmtShape(b.shape)}`);
   const m = a.shape[a.ndim - 2]!;
   const k = a.shape[a.ndim - 1]!;
   const k2 = b.shape[b.ndim - 2]!;

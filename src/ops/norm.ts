@@ -2,10 +2,10 @@
 // leading shape ([N, D], [B, T, D], or Qwen3's per-head q/k norm on [B, T, H, D]). The forward saves the
 // per-row rstd (f32 [rows]) besides x and w, so the backward needs no recomputation of the row norms.
 
+import { getBackend } from '../backend/index.ts';
 import { isFloat } from '../core/dtype.ts';
 import { ConfigError, DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { contiguous, f32c } from './shape.ts';
 import { noGrad, record } from './tape.ts';

@@ -1,8 +1,8 @@
 // Reductions: sum, mean, max over axes; sumToShape (the backward of broadcasting); broadcastTo.
 
+import { getBackend } from '../backend/index.ts';
 import { fmtShape, ShapeError } from '../core/errors.ts';
 import { numel, type Shape, sameShape, type Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { expandView, f32c } from './shape.ts';
 import { record } from './tape.ts';
@@ -63,7 +63,8 @@ export function sumToShape(g: Tensor, shape: Shape): Tensor {
   for (let i = 0; i < g.ndim; i++) {
     const d = i < lead ? 1 : shape[i - lead]!;
     if (d === 1 && g.shape[i] !== 1) axes.push(i);
-    else if (d !== g.shape[i]) throw new ShapeError(`sumToShape: ${fmtShape(g.shape)} does not reduce to ${fmtShape(shape)}`);
+    else if (d !== g.shape[i])
+      throw new ShapeError(`sumToShape: ${fmtShape(g.shape)} does not reduce to ${fmtShape(shape)}`);
   }
   const r = reduceRaw('sum', g, axes);
   const out = r.view(shape, contiguousOf(shape), r.offset);
@@ -121,7 +122,12 @@ export function min(x: Tensor, axes?: number | readonly number[], keepdim = fals
   return extremum('min', x, axes, keepdim);
 }
 
-function extremum(op: 'max' | 'min', x: Tensor, axes: number | readonly number[] | undefined, keepdim: boolean): Tensor {
+function extremum(
+  op: 'max' | 'min',
+  x: Tensor,
+  axes: number | readonly number[] | undefined,
+  keepdim: boolean,
+): Tensor {
   const ax = axesOf(op, x, axes);
   const xc = f32c(x);
   const r = reduceRaw(op, xc, ax);

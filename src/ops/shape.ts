@@ -1,10 +1,10 @@
 // Views and data movement: reshape, transpose/permute, slice, concat, index-select, contiguous, cast.
 // Views share storage; their backward maps the gradient back to the input's layout.
 
+import { getBackend } from '../backend/index.ts';
 import type { DType } from '../core/dtype.ts';
 import { fmtShape, IndexError, ShapeError } from '../core/errors.ts';
 import { contiguousStrides, numel, type Shape, type Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { record } from './tape.ts';
 
@@ -41,7 +41,8 @@ function resolveShape(op: string, size: number, shape: Shape): number[] {
   const neg = out.indexOf(-1);
   if (neg >= 0) {
     const rest = numel(out.filter((_, i) => i !== neg));
-    if (rest === 0 || size % rest !== 0) throw new ShapeError(`${op}: cannot infer -1 in ${fmtShape(shape)} for ${size} elements`);
+    if (rest === 0 || size % rest !== 0)
+      throw new ShapeError(`${op}: cannot infer -1 in ${fmtShape(shape)} for ${size} elements`);
     out[neg] = size / rest;
   }
   if (numel(out) !== size || out.some((d) => !Number.isInteger(d) || d < 0))
@@ -110,9 +111,7 @@ export function concat(ts: readonly Tensor[], axis: number): Tensor {
   const ax = normAxis('concat', axis, first.ndim);
   for (const t of ts)
     if (t.ndim !== first.ndim || t.shape.some((d, i) => i !== ax && d !== first.shape[i]))
-      throw new ShapeError(
-        `concat: shapes ${ts.map((x) => fmtShape(x.shape)).join(', ')} differ outside axis ${ax}`,
-      );
+      throw new ShapeError(`concat: shapes ${ts.map((x) => fmtShape(x.shape)).join(', ')} differ outside axis ${ax}`);
   const shape = [...first.shape];
   shape[ax] = ts.reduce((s, t) => s + t.shape[ax]!, 0);
   const dtype = ts.every((t) => t.dtype === first.dtype) ? first.dtype : 'f32';

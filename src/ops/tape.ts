@@ -3,10 +3,10 @@
 // has run, and accumulates gradients into leaves. Inputs that do not require a gradient (frozen weights)
 // are marked `needs = false`, and ops skip computing their gradient entirely.
 
+import { getBackend } from '../backend/index.ts';
 import { fmtShape, LowrankError, ShapeError } from '../core/errors.ts';
 import { keep, tidy } from '../core/scope.ts';
 import { type GradNode, sameShape, type Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 
 let gradEnabled = true;

@@ -14,9 +14,9 @@
 // from the IEEE one by an ulp; codes can then differ only for values within about an ulp of a boundary.
 
 import { bf16ToF32, f16ToF32 } from '../core/dtype.ts';
-import { ConfigError, ShapeError, fmtShape } from '../core/errors.ts';
+import { ConfigError, fmtShape, ShapeError } from '../core/errors.ts';
 import { quantizeBlockwise8 } from './blockwise8.ts';
-import { DYNAMIC_MAP_SIGNED, type QuantType4, code4bit } from './codebooks.ts';
+import { code4bit, DYNAMIC_MAP_SIGNED, type QuantType4 } from './codebooks.ts';
 
 export type { QuantType4 } from './codebooks.ts';
 
@@ -260,39 +260,71 @@ export function dequantizeAbsmax(state: QuantState4bit): Float32Array {
   return out;
 }
 
+function checkState(state: QuantState4bit, absmax: Float32Array, where: string): number {
+  const n = numel(state.shape);
+  if (state.packed.length !== Math.ceil(n / 2)) {
+    throw new ShapeError(
+      `${where}: ${state.packed.length} packed bytes cannot hold shape ${fmtShape(state.shape)} (need ${Math.ceil(n / 2)})`,
+    );
+  }
+  const bs = state.blocksize;
+  if (absmax.length !== Math.ceil(n / bs)) {
+    throw new ShapeError(
+      `${where}: ${absmax.length} absmax values for ${n} elements in blocks of ${bs} (need ${Math.ceil(n / bs)})`,
+    );
+  }
+  return n;
+}
+
 /**
  * Dequantizes to float32, row-major in state.shape: code[nibble] * absmax[block], computed in float32 as
  * bitsandbytes does before it casts to state.dtype. The code is bitsandbytes' built-in table for the
  * quant type (its kernels ignore the stored quant_map; bnb-serialize checks that they agree).
  */
 export function dequantize4bit(state: QuantState4bit, out?: Float32Array): Float32Array {
-  const n = numel(state.shape);
-  if (state.packed.length !== Math.ceil(n / 2)) {
-    throw new ShapeError(
-      `dequantize4bit: ${state.packed.length} packed bytes cannot hold shape ${fmtShape(state.shape)} (need ${Math.ceil(n / 2)})`,
-    );
-  }
   const absmax = dequantizeAbsmax(state);
-  const bs = state.blocksize;
-  if (absmax.length !== Math.ceil(n / bs)) {
-    throw new ShapeError(
-      `dequantize4bit: ${absmax.length} absmax values for ${n} elements in blocks of ${bs} (need ${Math.ceil(n / bs)})`,
-    );
-  }
-  const code = code4bit(state.quantType);
+  const n = checkState(state, absmax, 'dequantize4bit');
   const result = out ?? new Float32Array(n);
   if (result.length < n) throw new ShapeError(`dequantize4bit: output holds ${result.length} < ${n} elements`);
+  dequantize4bitRange(state, absmax, 0, n, result, 0);
+  return result;
+}
+
+/**
+ * Dequantizes elements [start, start + count) of the flat weight into out[outOffset...], for kernels that
+ * unpack a tile of rows at a time instead of a full float32 copy. `absmax` is dequantizeAbsmax(state),
+ * computed once per weight. Same values as dequantize4bit.
+ */
+export function dequantize4bitRange(
+  state: QuantState4bit,
+  absmax: Float32Array,
+  start: number,
+  count: number,
+  out: Float32Array,
+  outOffset = 0,
+): Float32Array {
+  const n = checkState(state, absmax, 'dequantize4bitRange');
+  if (!Number.isInteger(start) || !Number.isInteger(count) || start < 0 || count < 0 || start + count > n) {
+    throw new ShapeError(`dequantize4bitRange: range [${start}, ${start + count}) outside [0, ${n})`);
+  }
+  if (outOffset < 0 || outOffset + count > out.length) {
+    throw new ShapeError(`dequantize4bitRange: output holds ${out.length} < ${outOffset + count} elements`);
+  }
+  const code = code4bit(state.quantType);
   const p = state.packed;
-  for (let b = 0; b < absmax.length; b++) {
+  const bs = state.blocksize;
+  const end = start + count;
+  let i = start;
+  while (i < end) {
+    const b = Math.floor(i / bs);
     const s = absmax[b]!;
-    const start = b * bs;
-    const end = Math.min(n, start + bs);
-    for (let i = start; i < end; i++) {
+    const blockEnd = Math.min(end, (b + 1) * bs);
+    for (; i < blockEnd; i++) {
       const byte = p[i >> 1]!;
-      result[i] = f(code[(i & 1) === 0 ? byte >> 4 : byte & 0x0f]! * s);
+      out[outOffset + i - start] = f(code[(i & 1) === 0 ? byte >> 4 : byte & 0x0f]! * s);
     }
   }
-  return result;
+  return out;
 }
 
 /** Bytes a quant state takes in a safetensors file, tensors only (the JSON blob is extra, ~150 B). */

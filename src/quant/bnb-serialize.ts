@@ -19,16 +19,29 @@ import { ConfigError, FormatError, fmtShape } from '../core/errors.ts';
 import {
   BLOCKSIZES_4BIT,
   type DoubleQuantAbsmax,
+  isDoubleQuant,
   type QuantState4bit,
   WEIGHT_DTYPES,
   type WeightDtypeName,
-  isDoubleQuant,
 } from './blockwise4.ts';
 import { code4bit, type QuantType4 } from './codebooks.ts';
 import { pyJsonDumps } from './pyjson.ts';
 
 /** safetensors dtype names. */
-export type SafetensorsDtype = 'BOOL' | 'U8' | 'I8' | 'I16' | 'U16' | 'F16' | 'BF16' | 'I32' | 'U32' | 'F32' | 'F64' | 'I64' | 'U64';
+export type SafetensorsDtype =
+  | 'BOOL'
+  | 'U8'
+  | 'I8'
+  | 'I16'
+  | 'U16'
+  | 'F16'
+  | 'BF16'
+  | 'I32'
+  | 'U32'
+  | 'F32'
+  | 'F64'
+  | 'I64'
+  | 'U64';
 
 /** A tensor as raw little-endian bytes, ready for the safetensors writer. */
 export interface RawTensor {
@@ -123,10 +136,15 @@ export interface ToBnbOptions {
  * The tensors a transformers bnb-4bit checkpoint holds for `${name}.weight` (name = module prefix, e.g.
  * "model.layers.0.mlp.down_proj"), in bitsandbytes' order. The bias, if any, is the caller's.
  */
-export function toBnb4bitTensors(name: string, state: QuantState4bit, opts: ToBnbOptions = {}): Record<string, RawTensor> {
+export function toBnb4bitTensors(
+  name: string,
+  state: QuantState4bit,
+  opts: ToBnbOptions = {},
+): Record<string, RawTensor> {
   const storage = opts.quantStorage ?? 'uint8';
   const dtype = STORAGE_DTYPE[storage];
-  if (!dtype) throw new ConfigError(`quantStorage must be one of ${Object.keys(STORAGE_DTYPE).join(', ')} (got ${storage})`);
+  if (!dtype)
+    throw new ConfigError(`quantStorage must be one of ${Object.keys(STORAGE_DTYPE).join(', ')} (got ${storage})`);
   const itemSize = ITEM_SIZE[dtype]!;
   if (state.packed.length % itemSize !== 0) {
     throw new ConfigError(
@@ -200,7 +218,8 @@ export function fromBnb4bitTensors(tensors: Record<string, RawTensor>, name: str
   for (const [k, t] of Object.entries(tensors)) if (k.startsWith(`${w}.`)) parts.set(k.slice(w.length + 1), t);
   const qsKeys = [...parts.keys()].filter((k) => k.startsWith('quant_state.'));
   if (qsKeys.length === 0) fail(`${w}.${QS_PREFIX}*`, 'missing (the packed quant state, bitsandbytes__nf4 or __fp4)');
-  if (qsKeys.length > 1) fail(`${w}.quant_state`, `expected exactly one quant_state tensor, found ${qsKeys.join(', ')}`);
+  if (qsKeys.length > 1)
+    fail(`${w}.quant_state`, `expected exactly one quant_state tensor, found ${qsKeys.join(', ')}`);
   const qsKey = `${w}.${qsKeys[0]}`;
   if (!qsKeys[0]!.startsWith(QS_PREFIX)) fail(qsKey, `unknown quant_state key (expected ${QS_PREFIX}nf4 or fp4)`);
   const suffixType = qsKeys[0]!.slice(QS_PREFIX.length);
@@ -281,7 +300,8 @@ export function fromBnb4bitTensors(tensors: Record<string, RawTensor>, name: str
     checkRaw(amKey, amT, ['U8'], [nblocks]);
     const nbs = meta.nested_blocksize;
     if (!isPosInt(nbs)) fail(qsKey, `nested_blocksize ${JSON.stringify(nbs)} (expected a positive integer)`);
-    if (meta.nested_dtype !== 'float32') fail(qsKey, `nested_dtype ${JSON.stringify(meta.nested_dtype)} (expected "float32")`);
+    if (meta.nested_dtype !== 'float32')
+      fail(qsKey, `nested_dtype ${JSON.stringify(meta.nested_dtype)} (expected "float32")`);
     const offset = meta.nested_offset;
     if (typeof offset !== 'number' || !Number.isFinite(offset)) {
       fail(qsKey, `nested_offset ${JSON.stringify(offset)} (expected a finite number)`);
@@ -316,7 +336,6 @@ export function fromBnb4bitTensors(tensors: Record<string, RawTensor>, name: str
 // ---------------------------------------------------------------------------------------------------
 // config.json "quantization_config"
 
-export type TorchDtypeName = 'float32' | 'float16' | 'bfloat16' | 'float64' | 'int8' | 'uint8';
 const COMPUTE_DTYPES: readonly string[] = ['float32', 'float16', 'bfloat16', 'float64'];
 const STORAGE_NAMES: readonly string[] = ['float16', 'float32', 'int8', 'uint8', 'float64', 'bfloat16'];
 
@@ -387,7 +406,8 @@ export const BNB_CONFIG_FLOAT_KEYS: ReadonlySet<string> = new Set(['llm_int8_thr
  * `_load_in_4bit` and the public `load_in_4bit` spelling. Throws ConfigError naming the field.
  */
 export function parseBnbQuantizationConfig(raw: unknown, where = 'quantization_config'): BnbQuantizationConfig {
-  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new ConfigError(`${where} must be an object`);
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw))
+    throw new ConfigError(`${where} must be an object`);
   const o = raw as Record<string, unknown>;
   const err = (key: string, what: string): never => {
     throw new ConfigError(`${where}.${key}: ${what}`);

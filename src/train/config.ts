@@ -198,8 +198,10 @@ export interface TrainConfig {
 const numeric = (schema: z.ZodNumber) =>
   z.preprocess((v) => (typeof v === 'string' && v.trim() !== '' && Number.isFinite(Number(v)) ? Number(v) : v), schema);
 
-const posInt = () => z.number().int().min(1);
-const nonNegInt = () => z.number().int().min(0);
+/** Integer keys carry this message so that a string given for one says 'expected an integer', not 'a number'. */
+const INT_MESSAGE = 'expected an integer';
+const posInt = () => z.int({ error: INT_MESSAGE }).min(1);
+const nonNegInt = () => z.int({ error: INT_MESSAGE }).min(0);
 const nameList = () => z.array(z.string().min(1));
 
 const DATASET_TYPE_NAMES = ['text', 'completion', 'alpaca', 'chat', 'chat_template', 'input_output'] as const;
@@ -447,8 +449,8 @@ export function parseTrainConfigText(text: string, file: string, overrides: read
   const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
   if (doc.errors.length > 0) {
     const err = doc.errors[0]!;
-    const pos = err.linePos?.[0];
-    const where = pos ? `${file}:${pos.line}:${pos.col}` : file;
+    const pos = err.linePos?.[0] ?? lineCounter.linePos(err.pos[0]);
+    const where = `${file}:${pos.line}:${pos.col}`;
     throw new ConfigError(`${where}: YAML syntax error: ${err.message.split('\n')[0]}`);
   }
   const raw: unknown = doc.toJS();
@@ -569,7 +571,7 @@ export function applyOverrides(
 
 function getChild(node: unknown, seg: string, key: string, here: string): unknown {
   if (Array.isArray(node)) {
-    const i = listIndex(seg, node.length, key, here, false);
+    const i = listIndex(seg, node.length, key, here, true);
     return node[i];
   }
   return (node as Record<string, unknown>)[seg];
@@ -633,6 +635,9 @@ function describeIssue(
   const p = issue.path;
   const name = p.join('.');
   const value = getAt(obj, p);
+  if (value === undefined && issue.code !== 'unrecognized_keys') {
+    return [`${where(p.slice(0, -1), true)}: '${name}' is required${requiredHint(name)}`];
+  }
   switch (issue.code) {
     case 'unrecognized_keys': {
       const known = p.length === 0 ? TRAIN_CONFIG_KEYS : p[0] === 'special_tokens' ? SPECIAL_TOKEN_KEYS : DATASET_KEYS;
@@ -643,8 +648,7 @@ function describeIssue(
       });
     }
     case 'invalid_type': {
-      if (value === undefined) return [`${where(p.slice(0, -1), true)}: '${name}' is required${requiredHint(name)}`];
-      const expected = EXPECTED_NAMES[issue.expected] ?? issue.expected;
+      const expected = issue.message === INT_MESSAGE ? 'an integer' : (EXPECTED_NAMES[issue.expected] ?? issue.expected);
       return [`${where(p)}: ${name}: expected ${expected}, got ${describeValue(value)}`];
     }
     case 'too_small': {
@@ -1092,7 +1096,7 @@ export function serializeTrainConfig(cfg: TrainConfig): string {
     if (v !== null && typeof v === 'object') {
       return Object.fromEntries(
         Object.entries(v)
-          .filter(([, x]) => x !== null)
+          .filter(([, x]) => x !== null && !(Array.isArray(x) && x.length === 0))
           .map(([k, x]) => [k, dropNulls(x)]),
       );
     }

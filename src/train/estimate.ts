@@ -63,11 +63,15 @@ export function llamaShapeFromConfig(cfg: unknown, where = 'config.json'): Llama
   const numHeads = int('num_attention_heads');
   const numKvHeads = int('num_key_value_heads', numHeads);
   if (numHeads % numKvHeads !== 0) {
-    throw new ConfigError(`${where}: "num_key_value_heads" (${numKvHeads}) must divide num_attention_heads (${numHeads})`);
+    throw new ConfigError(
+      `${where}: "num_key_value_heads" (${numKvHeads}) must divide num_attention_heads (${numHeads})`,
+    );
   }
   const headDim = o.head_dim == null ? hiddenSize / numHeads : int('head_dim');
   if (!Number.isInteger(headDim)) {
-    throw new ConfigError(`${where}: "hidden_size" (${hiddenSize}) is not a multiple of num_attention_heads (${numHeads})`);
+    throw new ConfigError(
+      `${where}: "hidden_size" (${hiddenSize}) is not a multiple of num_attention_heads (${numHeads})`,
+    );
   }
   const modelType = typeof o.model_type === 'string' ? o.model_type : 'llama';
   const tie = o.tie_word_embeddings ?? false;
@@ -218,7 +222,8 @@ function checkOptions(opts: EstimateOptions): void {
   const bad = (key: string, what: string): never => {
     throw new ConfigError(`estimate: option ${key} ${what}`);
   };
-  if (!['full', 'lora', 'qlora'].includes(opts.method)) bad('method', `must be full, lora or qlora (got ${opts.method})`);
+  if (!['full', 'lora', 'qlora'].includes(opts.method))
+    bad('method', `must be full, lora or qlora (got ${opts.method})`);
   for (const k of ['seqLen', 'batchSize', 'rank', 'blocksize'] as const) {
     const v = opts[k];
     if (v !== undefined && (!Number.isInteger(v) || v <= 0)) bad(k, `must be a positive integer (got ${v})`);
@@ -306,7 +311,9 @@ export function estimateMemory(hfConfig: unknown, opts: EstimateOptions): Memory
     f.push(`weights: ${fmtN(params.total)} × ${wB} B (${weightDtype}) = ${formatBytes(baseWeights)}`);
     if (weightDtype === 'bf16' && (opts.masterWeights ?? true)) {
       masterWeights = params.total * 4;
-      f.push(`master weights: ${fmtN(params.total)} × 4 B (f32 copy for mixed precision) = ${formatBytes(masterWeights)}`);
+      f.push(
+        `master weights: ${fmtN(params.total)} × 4 B (f32 copy for mixed precision) = ${formatBytes(masterWeights)}`,
+      );
     }
     gradients = params.total * wB;
     f.push(`gradients: ${fmtN(params.total)} × ${wB} B (${weightDtype}) = ${formatBytes(gradients)}`);
@@ -323,7 +330,11 @@ export function estimateMemory(hfConfig: unknown, opts: EstimateOptions): Memory
       const shapes = linearShapes(m);
       let perLayer = 0;
       for (const mod of LINEAR_MODULES) {
-        perLayer += storageBytes4bit(shapes[mod][0] * shapes[mod][1], { blocksize, doubleQuant, perTensorConstants: true });
+        perLayer += storageBytes4bit(shapes[mod][0] * shapes[mod][1], {
+          blocksize,
+          doubleQuant,
+          perTensorConstants: true,
+        });
       }
       quantizedLinears = perLayer * L;
       const rest = params.total - params.linear;
@@ -399,7 +410,9 @@ export function estimateMemory(hfConfig: unknown, opts: EstimateOptions): Memory
     `final norm${method === 'full' ? ' and lm_head inputs' : ' input'}: ${p} B × ${fmtN(T)} × ${h}${method === 'full' ? ' × 2' : ''} = ${formatBytes(headActivations)}`,
   );
   const logits = 8 * T * m.vocabSize;
-  f.push(`logits: ${fmtN(T)} tokens × ${fmtN(m.vocabSize)} vocab × (4 B f32 logits + 4 B gradient) = ${formatBytes(logits)}`);
+  f.push(
+    `logits: ${fmtN(T)} tokens × ${fmtN(m.vocabSize)} vocab × (4 B f32 logits + 4 B gradient) = ${formatBytes(logits)}`,
+  );
   const activations = layerActivations + headActivations + logits;
   const overhead = opts.overheadBytes ?? 0;
   if (overhead > 0) f.push(`overhead (CUDA context, allocator): ${formatBytes(overhead)}`);

@@ -3,12 +3,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, test } from 'node:test';
-import {
-  AtomicFile,
-  withAtomicFile,
-  writeFileAtomic,
-  writeFileAtomicSync,
-} from '../../src/formats/atomic.ts';
+import { AtomicFile, withAtomicFile, writeFileAtomic, writeFileAtomicSync } from '../../src/formats/atomic.ts';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'lowrank-atomic-'));
 after(() => fs.rmSync(tmp, { recursive: true, force: true }));

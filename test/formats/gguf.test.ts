@@ -28,7 +28,12 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'lowrank-gguf-'));
 after(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 function bitsEqual(a: Float32Array, b: Float32Array): boolean {
-  return Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.byteLength), Buffer.from(b.buffer, b.byteOffset, b.byteLength)) === 0;
+  return (
+    Buffer.compare(
+      Buffer.from(a.buffer, a.byteOffset, a.byteLength),
+      Buffer.from(b.buffer, b.byteOffset, b.byteLength),
+    ) === 0
+  );
 }
 
 function expectFormatError(bytes: Uint8Array, ...mustInclude: string[]): void {
@@ -169,27 +174,27 @@ describe('GGUF: llama.cpp vocab-only files', { skip: noVocab }, () => {
 describe('GGUF writer', () => {
   test('metadata types: inferred as gguf-py does, explicit, nested, 64-bit', () => {
     const metadata: Record<string, GgufValue | { type: GgufTypeSpec; value: GgufValue }> = {
-      's': 'héllo',
-      'b': true,
-      'i': -7,
-      'big': 2 ** 40,
-      'f': 0.5,
-      'bi': 2n ** 63n + 5n,
-      'neg64': -(2n ** 62n),
+      s: 'héllo',
+      b: true,
+      i: -7,
+      big: 2 ** 40,
+      f: 0.5,
+      bi: 2n ** 63n + 5n,
+      neg64: -(2n ** 62n),
       'arr.i': [1, 2, 3],
       'arr.f': [1, 2.5],
       'arr.s': ['a', '', 'ü'],
       'arr.b': [true, false],
-      'nested': [[1, 2], [3]],
-      'u8': { type: 'u8', value: 255 },
-      'i8': { type: 'i8', value: -128 },
-      'u16': { type: 'u16', value: 65535 },
-      'i16': { type: 'i16', value: -32768 },
-      'u32': { type: 'u32', value: 4294967295 },
-      'f64': { type: 'f64', value: Math.PI },
-      'u64': { type: 'u64', value: 2n ** 64n - 1n },
-      'i64small': { type: 'i64', value: -3 },
-      'empty': { type: { array: 'i32' }, value: [] },
+      nested: [[1, 2], [3]],
+      u8: { type: 'u8', value: 255 },
+      i8: { type: 'i8', value: -128 },
+      u16: { type: 'u16', value: 65535 },
+      i16: { type: 'i16', value: -32768 },
+      u32: { type: 'u32', value: 4294967295 },
+      f64: { type: 'f64', value: Math.PI },
+      u64: { type: 'u64', value: 2n ** 64n - 1n },
+      i64small: { type: 'i64', value: -3 },
+      empty: { type: { array: 'i32' }, value: [] },
       'arr.u16': { type: { array: 'u16' }, value: [1, 65535] },
       'arr.u64': { type: { array: 'u64' }, value: [1n, 2n ** 60n] },
       ['__proto__']: 'kept as a key',
@@ -306,18 +311,30 @@ describe('GGUF writer', () => {
       await assert.rejects(writeGguf(file, { metadata: {}, tensors: tensors as never }), want as RegExp);
     }
     assert.ok(fs.readFileSync(file).equals(before), 'failed writes leave the old file');
-    assert.deepEqual(fs.readdirSync(tmp).filter((p) => p.endsWith('.tmp')), []);
+    assert.deepEqual(
+      fs.readdirSync(tmp).filter((p) => p.endsWith('.tmp')),
+      [],
+    );
 
-    writeGgufSync(file, { metadata: {}, tensors: [{ name: 'y', shape: [1], type: 'F32', data: new Float32Array([2]) }] });
+    writeGgufSync(file, {
+      metadata: {},
+      tensors: [{ name: 'y', shape: [1], type: 'F32', data: new Float32Array([2]) }],
+    });
     assert.deepEqual([...readGguf(file).readTensorF32('y')], [2]);
   });
 });
 
 /** Minimal GGUF bytes with one F32 tensor [1, 8] and no metadata; returns the bytes and field offsets. */
 function oneTensorFile(): { bytes: Uint8Array; at: Record<string, number> } {
-  const bytes = serializeGguf({ metadata: {}, tensors: [{ name: 'w', shape: [1, 8], type: 'F32', data: new Float32Array(8) }] });
+  const bytes = serializeGguf({
+    metadata: {},
+    tensors: [{ name: 'w', shape: [1, 8], type: 'F32', data: new Float32Array(8) }],
+  });
   // 24-byte header, then name (8 + 1), n_dims (4), dims (16), type (4), offset (8)
-  return { bytes, at: { version: 4, nTensors: 8, nKv: 16, nameLen: 24, nDims: 33, dim0: 37, dim1: 45, type: 53, offset: 57 } };
+  return {
+    bytes,
+    at: { version: 4, nTensors: 8, nKv: 16, nameLen: 24, nDims: 33, dim0: 37, dim1: 45, type: 53, offset: 57 },
+  };
 }
 
 describe('GGUF reader validation', () => {
@@ -339,28 +356,75 @@ describe('GGUF reader validation', () => {
     const { bytes, at } = oneTensorFile();
     expectFormatError(new Uint8Array(4), 'too small');
     expectFormatError(Buffer.from('GGML\x03\x00\x00\x00'.padEnd(40, '\0')), 'not a GGUF file', 'GGML');
-    expectFormatError(patch(bytes, (d) => d.setUint32(at.version!, 1, true)), 'version 1');
-    expectFormatError(patch(bytes, (d) => d.setUint32(at.version!, 4, true)), 'unsupported GGUF version 4');
-    expectFormatError(patch(bytes, (d) => d.setUint32(at.version!, 3, false)), 'big-endian');
+    expectFormatError(
+      patch(bytes, (d) => d.setUint32(at.version!, 1, true)),
+      'version 1',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setUint32(at.version!, 4, true)),
+      'unsupported GGUF version 4',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setUint32(at.version!, 3, false)),
+      'big-endian',
+    );
     assert.equal(parseGguf(patch(bytes, (d) => d.setUint32(at.version!, 2, true))).version, 2);
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.nTensors!, 2n ** 62n, true)), 'tensor_count');
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.nKv!, 2n ** 64n - 1n, true)), 'kv_count');
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.nameLen!, 2n ** 40n, true)), 'the length of the name of tensor #0');
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.nTensors!, 2n ** 62n, true)),
+      'tensor_count',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.nKv!, 2n ** 64n - 1n, true)),
+      'kv_count',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.nameLen!, 2n ** 40n, true)),
+      'the length of the name of tensor #0',
+    );
     expectFormatError(bytes.subarray(0, 50), 'unexpected end of file', 'tensor "w"');
     expectFormatError(bytes.subarray(0, 100), 'runs past the end', 'truncated');
   });
 
   test('bad tensor infos', () => {
     const { bytes, at } = oneTensorFile();
-    expectFormatError(patch(bytes, (d) => d.setUint32(at.nDims!, 5, true)), 'tensor "w"', '5 dimensions');
-    expectFormatError(patch(bytes, (d) => d.setUint32(at.type!, 4, true)), 'tensor "w"', 'unknown ggml type 4');
-    expectFormatError(patch(bytes, (d) => d.setUint32(at.type!, 1000, true)), 'unknown ggml type 1000');
-    expectFormatError(patch(bytes, (d) => d.setUint32(at.type!, 8, true)), 'not a multiple of the Q8_0 block size 32');
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.offset!, 8n, true)), 'not a multiple of the alignment 32');
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.offset!, 2n ** 63n, true)), 'beyond the file');
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.offset!, 64n, true)), 'runs past the end');
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.dim1!, 2n ** 60n, true)), 'too large');
-    expectFormatError(patch(bytes, (d) => d.setBigUint64(at.dim1!, 2n ** 50n, true)), 'too many elements');
+    expectFormatError(
+      patch(bytes, (d) => d.setUint32(at.nDims!, 5, true)),
+      'tensor "w"',
+      '5 dimensions',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setUint32(at.type!, 4, true)),
+      'tensor "w"',
+      'unknown ggml type 4',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setUint32(at.type!, 1000, true)),
+      'unknown ggml type 1000',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setUint32(at.type!, 8, true)),
+      'not a multiple of the Q8_0 block size 32',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.offset!, 8n, true)),
+      'not a multiple of the alignment 32',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.offset!, 2n ** 63n, true)),
+      'beyond the file',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.offset!, 64n, true)),
+      'runs past the end',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.dim1!, 2n ** 60n, true)),
+      'too large',
+    );
+    expectFormatError(
+      patch(bytes, (d) => d.setBigUint64(at.dim1!, 2n ** 50n, true)),
+      'too many elements',
+    );
     // two tensors at the same offset overlap
     const two = serializeGguf({
       metadata: {},
@@ -370,7 +434,10 @@ describe('GGUF reader validation', () => {
       ],
     });
     const bOffset = 24 + 9 + 4 + 8 + 4 + 8 + 9 + 4 + 8 + 4;
-    expectFormatError(patch(two, (d) => d.setBigUint64(bOffset, 0n, true)), 'overlaps');
+    expectFormatError(
+      patch(two, (d) => d.setBigUint64(bOffset, 0n, true)),
+      'overlaps',
+    );
     const dup = serializeGguf({
       metadata: {},
       tensors: [
@@ -378,24 +445,51 @@ describe('GGUF reader validation', () => {
         { name: 'c', shape: [8], type: 'F32', data: new Float32Array(8) },
       ],
     });
-    expectFormatError(patch(dup, (d) => d.setUint8(24 + 8 + 1 + 4 + 8 + 4 + 8 + 8, 'a'.charCodeAt(0))), 'tensor "a" appears twice');
+    expectFormatError(
+      patch(dup, (d) => d.setUint8(24 + 8 + 1 + 4 + 8 + 4 + 8 + 8, 'a'.charCodeAt(0))),
+      'tensor "a" appears twice',
+    );
   });
 
   test('bad metadata', () => {
     const one = (metadata: Record<string, unknown>) => serializeGguf({ metadata: metadata as never, tensors: [] });
     const typeAt = 24 + 8 + 1; // key "k"
-    expectFormatError(patch(one({ k: 1 }), (d) => d.setUint32(typeAt, 13, true)), 'unknown value type 13');
-    expectFormatError(patch(one({ k: [1, 2] }), (d) => d.setUint32(typeAt + 4, 99, true)), 'unknown value type 99');
-    expectFormatError(patch(one({ k: [1, 2] }), (d) => d.setBigUint64(typeAt + 8, 2n ** 40n, true)), 'the length of metadata "k"');
-    expectFormatError(patch(one({ k: 'abc' }), (d) => d.setBigUint64(typeAt + 4, 1000n, true)), 'metadata "k"');
+    expectFormatError(
+      patch(one({ k: 1 }), (d) => d.setUint32(typeAt, 13, true)),
+      'unknown value type 13',
+    );
+    expectFormatError(
+      patch(one({ k: [1, 2] }), (d) => d.setUint32(typeAt + 4, 99, true)),
+      'unknown value type 99',
+    );
+    expectFormatError(
+      patch(one({ k: [1, 2] }), (d) => d.setBigUint64(typeAt + 8, 2n ** 40n, true)),
+      'the length of metadata "k"',
+    );
+    expectFormatError(
+      patch(one({ k: 'abc' }), (d) => d.setBigUint64(typeAt + 4, 1000n, true)),
+      'metadata "k"',
+    );
     const dupKey = one({ k: 1, j: 2 });
-    expectFormatError(patch(dupKey, (d) => d.setUint8(24 + 8 + 1 + 4 + 4 + 8, 'k'.charCodeAt(0))), '"k" appears twice');
+    expectFormatError(
+      patch(dupKey, (d) => d.setUint8(24 + 8 + 1 + 4 + 4 + 8, 'k'.charCodeAt(0))),
+      '"k" appears twice',
+    );
     // the writer refuses bad alignments, so make them by patching a valid file
     const keyEnd = 24 + 8 + 'general.alignment'.length;
-    expectFormatError(patch(one({ 'general.alignment': { type: 'u32', value: 64 } }), (d) => d.setUint32(keyEnd + 4, 48, true)), 'power of two');
-    expectFormatError(patch(one({ 'general.alignment': { type: 'u32', value: 64 } }), (d) => d.setUint32(keyEnd + 4, 0, true)), 'power of two');
+    expectFormatError(
+      patch(one({ 'general.alignment': { type: 'u32', value: 64 } }), (d) => d.setUint32(keyEnd + 4, 48, true)),
+      'power of two',
+    );
+    expectFormatError(
+      patch(one({ 'general.alignment': { type: 'u32', value: 64 } }), (d) => d.setUint32(keyEnd + 4, 0, true)),
+      'power of two',
+    );
     const u64Align = one({ 'general.alignmenX': { type: 'u64', value: 64 } });
-    expectFormatError(patch(u64Align, (d) => d.setUint8(keyEnd - 1, 't'.charCodeAt(0))), 'general.alignment must be a u32');
+    expectFormatError(
+      patch(u64Align, (d) => d.setUint8(keyEnd - 1, 't'.charCodeAt(0))),
+      'general.alignment must be a u32',
+    );
     // arrays nested deeper than the limit
     let deep: GgufValue = [1];
     for (let i = 0; i < 9; i++) deep = [deep];
@@ -406,7 +500,10 @@ describe('GGUF reader validation', () => {
     const f: GgufFile = parseGguf(
       serializeGguf({ metadata: {}, tensors: [{ name: 'q', shape: [256], type: 'Q5_K', data: new Uint8Array(176) }] }),
     );
-    assert.throws(() => f.readTensorF32('q'), (e: unknown) => e instanceof DTypeError && /Q5_K/.test(e.message));
+    assert.throws(
+      () => f.readTensorF32('q'),
+      (e: unknown) => e instanceof DTypeError && /Q5_K/.test(e.message),
+    );
     assert.equal(f.readTensorBytes('q').byteLength, 176);
   });
 });
@@ -515,7 +612,10 @@ describe('ggml quantization', () => {
           bytes[ql + l] = q1 | (q3 << 4);
           bytes[ql + l + 32] = q2 | (q4 << 4);
           bytes[qh + l] =
-            (L[j + l]! >> 4) | ((L[j + l + 32]! >> 4) << 2) | ((L[j + l + 64]! >> 4) << 4) | ((L[j + l + 96]! >> 4) << 6);
+            (L[j + l]! >> 4) |
+            ((L[j + l + 32]! >> 4) << 2) |
+            ((L[j + l + 64]! >> 4) << 4) |
+            ((L[j + l + 96]! >> 4) << 6);
         }
         ql += 64;
         qh += 32;

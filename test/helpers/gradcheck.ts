@@ -37,15 +37,21 @@ function weightedSum(out: Tensor, w: Float64Array): number {
 }
 
 /** Checks d sum(w*f(...inputs)) / d input against central differences, for each input with requiresGrad. */
-export function gradcheck(name: string, f: (...xs: Tensor[]) => Tensor, inputs: Tensor[], opts: GradcheckOptions = {}): void {
+export function gradcheck(
+  name: string,
+  f: (...xs: Tensor[]) => Tensor,
+  inputs: Tensor[],
+  opts: GradcheckOptions = {},
+): void {
   const eps = opts.eps ?? 1e-2;
   const atol = opts.atol ?? 2e-3;
   const rtol = opts.rtol ?? 2e-2;
   const rng = new Rng(opts.seed ?? 1234);
-  for (const x of inputs) if (x.requiresGrad) {
-    x.grad?.dispose();
-    x.grad = null;
-  }
+  for (const x of inputs)
+    if (x.requiresGrad) {
+      x.grad?.dispose();
+      x.grad = null;
+    }
   // analytic
   const wArr = tidy(() => {
     const out = f(...inputs);
@@ -73,7 +79,7 @@ export function gradcheck(name: string, f: (...xs: Tensor[]) => Tensor, inputs: 
       data[j] = orig - eps;
       const lm = noGrad(() => tidy(() => weightedSum(f(...inputs), wArr)));
       data[j] = orig;
-      const h = (orig + eps) - (orig - eps); // the step actually taken in f32
+      const h = orig + eps - (orig - eps); // the step actually taken in f32
       const hp = Math.fround(orig + eps) - Math.fround(orig - eps);
       const fd = (lp - lm) / (hp || h);
       const a = analytic[i]!;

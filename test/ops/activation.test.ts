@@ -3,8 +3,8 @@ import { test } from 'node:test';
 import { erf } from '../../src/backend/cpu/js-activation.ts';
 import { ConfigError, DTypeError, ShapeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
-import { intTensor, tensor } from '../../src/ops/create.ts';
 import { activationByName, gelu, logSoftmax, softmax, swiglu } from '../../src/ops/activation.ts';
+import { intTensor, tensor } from '../../src/ops/create.ts';
 import { sum } from '../../src/ops/reduce.ts';
 import { transpose } from '../../src/ops/shape.ts';
 import { backward } from '../../src/ops/tape.ts';
@@ -82,9 +82,7 @@ test('gelu (exact and tanh) matches PyTorch values and finite differences', () =
     -0.004049694094676, -0.158655253931457, -0.154268917207801, 0, 0.345731082792199, 0.841344746068543,
     2.995950305905324,
   ];
-  const approx = [
-    -0.003637392044, -0.158808009397, -0.154285988576, 0, 0.345714011424, 0.841191990603, 2.996362607956,
-  ];
+  const approx = [-0.003637392044, -0.158808009397, -0.154285988576, 0, 0.345714011424, 0.841191990603, 2.996362607956];
   const x = tensor(xs);
   assertClose(gelu(x).toF32(), exact, 2e-7, 'gelu exact');
   assertClose(gelu(x, 'tanh').toF32(), approx, 2e-7, 'gelu tanh');

@@ -15,9 +15,15 @@ const R = (shape: number[], scale = 1, req = true) => randomTensor(shape, rng, s
 
 test('add/sub/mul/div with broadcasting match finite differences', () => {
   for (const [sa, sb] of [
-    [[3, 5], [3, 5]],
+    [
+      [3, 5],
+      [3, 5],
+    ],
     [[2, 3, 7], [7]],
-    [[4, 1], [1, 5]],
+    [
+      [4, 1],
+      [1, 5],
+    ],
     [[1], [2, 3]],
   ] as number[][][]) {
     gradcheck(`add ${sa} ${sb}`, (a, b) => E.add(a!, b!), [R(sa!), R(sb!)]);

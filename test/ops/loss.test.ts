@@ -87,7 +87,7 @@ test('crossEntropy gradient is (softmax - onehot) * g / count, and 0 (not NaN) w
   backward(crossEntropy(x, intTensor([2, -100])));
   const g = x.grad!.toArray();
   // row 0: softmax = [1/4, 1/4, 1/2], target 2, count 1; row 1 ignored
-  [0.25, 0.25, -0.5, 0, 0, 0].forEach((e, i) => assert.ok(Math.abs(g[i]! - e) < 1e-6, `${g[i]} vs ${e}`));
+  for (const [i, e] of [0.25, 0.25, -0.5, 0, 0, 0].entries()) assert.ok(Math.abs(g[i]! - e) < 1e-6, `${g[i]} vs ${e}`);
   for (const reduction of ['mean', 'sum'] as const) {
     const y = R([4, 9]);
     const loss = crossEntropy(y, intTensor([-100, -100, -100, -100]), { reduction });
@@ -122,7 +122,8 @@ test('crossEntropy rejects out-of-range targets (naming the position), bad dtype
   const x = R([2, 3, 5], 1, false);
   assert.throws(
     () => crossEntropy(x, intTensor([0, 1, 2, 3, 4, 5], [2, 3])),
-    (e: unknown) => e instanceof IndexError && /target 5 at position \[1, 2\]/.test(e.message) && /\[0, 5\)/.test(e.message),
+    (e: unknown) =>
+      e instanceof IndexError && /target 5 at position \[1, 2\]/.test(e.message) && /\[0, 5\)/.test(e.message),
   );
   assert.throws(() => crossEntropy(R([3, 4], 1, false), intTensor([0, -1, 2])), /target -1 at position 1 /);
   assert.throws(() => crossEntropy(R([3, 4], 1, false), intTensor([0, 1, 2], [1, 3])), ShapeError);

@@ -50,7 +50,11 @@ test('rmsnorm matches finite differences for x and w on odd shapes, including [B
 });
 
 test('rmsnorm values match the direct formula; works on any leading shape', () => {
-  for (const shape of [[4, 8], [2, 3, 4, 16], [1, 1, 1, 31]]) {
+  for (const shape of [
+    [4, 8],
+    [2, 3, 4, 16],
+    [1, 1, 1, 31],
+  ]) {
     const d = shape[shape.length - 1]!;
     const x = R(shape, 3, false);
     const w = R([d], 1, false);
@@ -131,11 +135,14 @@ test('rmsnorm computes no weight gradient for a frozen weight and frees what it 
 });
 
 test('rmsnorm rejects a weight that does not fit the last axis and non-float inputs', () => {
-  assert.throws(() => rmsnorm(R([2, 4], 1, false), R([5], 1, false)), (e: unknown) => {
-    assert.ok(e instanceof ShapeError);
-    assert.match(e.message, /rmsnorm: weight \[5\] .* x \[2, 4\]/);
-    return true;
-  });
+  assert.throws(
+    () => rmsnorm(R([2, 4], 1, false), R([5], 1, false)),
+    (e: unknown) => {
+      assert.ok(e instanceof ShapeError);
+      assert.match(e.message, /rmsnorm: weight \[5\] .* x \[2, 4\]/);
+      return true;
+    },
+  );
   assert.throws(() => rmsnorm(R([2, 4], 1, false), R([1, 4], 1, false)), ShapeError);
   assert.throws(() => rmsnorm(intTensor([1, 2, 3, 4], [2, 2]), R([2], 1, false)), DTypeError);
 });

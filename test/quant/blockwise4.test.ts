@@ -3,14 +3,15 @@ import { test } from 'node:test';
 import { f32ToBf16 } from '../../src/core/dtype.ts';
 import { ConfigError, ShapeError } from '../../src/core/errors.ts';
 import {
-  type DoubleQuantAbsmax,
   bitsPerParam4bit,
+  type DoubleQuantAbsmax,
   dequantize4bit,
+  dequantize4bitRange,
   dequantizeAbsmax,
-  quantStateBytes,
   quantize4bit,
   quantizeFp4Value,
   quantizeNf4Value,
+  quantStateBytes,
   storageBytes4bit,
 } from '../../src/quant/blockwise4.ts';
 import { DYNAMIC_MAP_SIGNED, FP4_CODE, NF4_CODE } from '../../src/quant/codebooks.ts';
@@ -198,7 +199,8 @@ test('double quantization: offset = mean(absmax), 8-bit codes over the dynamic m
   }
   // Reconstructed absmax is close (8-bit dynamic map: relative step <= ~1.5% near the top of the range).
   const rec = dequantizeAbsmax(dq);
-  for (let i = 0; i < 600; i++) assert.ok(Math.abs(rec[i]! - absmax[i]!) <= 0.01 * d.nestedAbsmax[Math.floor(i / 256)]!);
+  for (let i = 0; i < 600; i++)
+    assert.ok(Math.abs(rec[i]! - absmax[i]!) <= 0.01 * d.nestedAbsmax[Math.floor(i / 256)]!);
   const back = dequantize4bit(dq);
   for (let i = 0; i < n; i += 97) {
     const blk = Math.floor(i / 64);
@@ -294,4 +296,24 @@ test('invalid options and shapes are typed errors', () => {
     const q = quantize4bit(gaussian(5000, bs), { quantType: 'fp4', blocksize: bs });
     assert.equal((q.absmax as Float32Array).length, Math.ceil(5000 / bs));
   }
+});
+
+test('range dequantization equals the full one on any window', () => {
+  const s = quantize4bit(gaussian(1000, 11), { quantType: 'nf4', doubleQuant: true, blocksize: 32, shape: [10, 100] });
+  const full = dequantize4bit(s);
+  const absmax = dequantizeAbsmax(s);
+  for (const [start, count] of [
+    [0, 1000],
+    [1, 31],
+    [33, 64],
+    [300, 100],
+    [999, 1],
+    [500, 0],
+  ] as const) {
+    const out = new Float32Array(count + 3);
+    dequantize4bitRange(s, absmax, start, count, out, 3);
+    assert.deepEqual(out.subarray(3), full.subarray(start, start + count), `[${start}, +${count})`);
+  }
+  assert.throws(() => dequantize4bitRange(s, absmax, 990, 20, new Float32Array(20)), ShapeError);
+  assert.throws(() => dequantize4bitRange(s, absmax, 0, 20, new Float32Array(10)), ShapeError);
 });

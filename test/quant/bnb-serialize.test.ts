@@ -1,15 +1,15 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ConfigError, FormatError } from '../../src/core/errors.ts';
-import { type QuantState4bit, dequantize4bit, quantize4bit } from '../../src/quant/blockwise4.ts';
+import { dequantize4bit, type QuantState4bit, quantize4bit } from '../../src/quant/blockwise4.ts';
 import {
   BNB_CONFIG_FLOAT_KEYS,
-  type RawTensor,
   bnbQuantizationConfig,
   findBnb4bitModules,
   fromBnb4bitTensors,
   parseBnbQuantizationConfig,
   quantStateJson,
+  type RawTensor,
   toBnb4bitTensors,
 } from '../../src/quant/bnb-serialize.ts';
 import { FP4_CODE, NF4_CODE } from '../../src/quant/codebooks.ts';
@@ -66,7 +66,12 @@ test('JSON blob without double quantization, and an integral offset printed as a
   const plain = quantize4bit(new Float32Array([1, 2, 3]), { quantType: 'fp4' });
   assert.equal(quantStateJson(plain), '{"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [3]}');
   const t = toBnb4bitTensors('lin', plain);
-  assert.deepEqual(Object.keys(t), ['lin.weight', 'lin.weight.absmax', 'lin.weight.quant_map', 'lin.weight.quant_state.bitsandbytes__fp4']);
+  assert.deepEqual(Object.keys(t), [
+    'lin.weight',
+    'lin.weight.absmax',
+    'lin.weight.quant_map',
+    'lin.weight.quant_state.bitsandbytes__fp4',
+  ]);
   assert.equal(t['lin.weight.absmax']!.dtype, 'F32');
   assert.deepEqual(t['lin.weight']!.shape, [2, 1]); // (3 + 1) // 2
   const dq = quantize4bit(new Float32Array([0.5, -2, 1, 0]), { quantType: 'nf4', doubleQuant: true, shape: [2, 2] });
@@ -84,7 +89,10 @@ test('round trip: tensors -> state -> tensors is byte-exact, state fields identi
   const cases: [QuantState4bit, object][] = [
     [quantize4bit(weights(4096 + 64 * 300, 3), { quantType: 'nf4', doubleQuant: true, shape: [23296] }), {}],
     [quantize4bit(weights(777, 5), { quantType: 'fp4', blocksize: 128, shape: [7, 111] }), {}],
-    [quantize4bit(weights(64 * 8, 9), { quantType: 'nf4', doubleQuant: true, shape: [8, 64], dtype: 'float16' }), { quantStorage: 'bfloat16' }],
+    [
+      quantize4bit(weights(64 * 8, 9), { quantType: 'nf4', doubleQuant: true, shape: [8, 64], dtype: 'float16' }),
+      { quantStorage: 'bfloat16' },
+    ],
   ];
   for (const [s, opts] of cases) {
     const t = toBnb4bitTensors(P, s, opts);
@@ -102,7 +110,10 @@ test('round trip: tensors -> state -> tensors is byte-exact, state fields identi
   const bf = toBnb4bitTensors(P, cases[2]![0], { quantStorage: 'bfloat16' })[`${P}.weight`]!;
   assert.equal(bf.dtype, 'BF16');
   assert.deepEqual(bf.shape, [128, 1]); // 256 bytes viewed as bf16
-  assert.throws(() => toBnb4bitTensors(P, quantize4bit(weights(6), { quantType: 'nf4' }), { quantStorage: 'float32' }), ConfigError);
+  assert.throws(
+    () => toBnb4bitTensors(P, quantize4bit(weights(6), { quantType: 'nf4' }), { quantStorage: 'float32' }),
+    ConfigError,
+  );
 });
 
 test('findBnb4bitModules lists the quantized module prefixes', () => {
@@ -128,7 +139,11 @@ test('malformed states: FormatError naming the tensor', () => {
     ['missing absmax', without(`${W}.absmax`), `${W}.absmax`],
     ['missing nested_absmax', without(`${W}.nested_absmax`), `${W}.nested_absmax`],
     ['missing quant_map', without(`${W}.quant_map`), `${W}.quant_map`],
-    ['unknown quant type', { ...without(QS), [`${W}.quant_state.bitsandbytes__int4`]: good[QS]! }, 'bitsandbytes__int4'],
+    [
+      'unknown quant type',
+      { ...without(QS), [`${W}.quant_state.bitsandbytes__int4`]: good[QS]! },
+      'bitsandbytes__int4',
+    ],
     ['two quant states', { ...good, [`${W}.quant_state.bitsandbytes__fp4`]: good[QS]! }, `${W}.quant_state`],
     ['unknown part', { ...good, [`${W}.zeros`]: good[`${W}.absmax`]! }, `${W}.zeros`],
     ['quant_type mismatch', { ...good, [QS]: json({ ...meta, quant_type: 'fp4' }) }, QS],
@@ -144,7 +159,11 @@ test('malformed states: FormatError naming the tensor', () => {
     ['packed flat shape', { ...good, [W]: { ...good[W]!, shape: [160] } }, W],
     ['data length', { ...good, [W]: { ...good[W]!, data: good[W]!.data.subarray(1) } }, W],
     ['absmax size', { ...good, [`${W}.absmax`]: { dtype: 'U8', shape: [4], data: new Uint8Array(4) } }, `${W}.absmax`],
-    ['absmax dtype', { ...good, [`${W}.absmax`]: { dtype: 'F32', shape: [5], data: new Uint8Array(20) } }, `${W}.absmax`],
+    [
+      'absmax dtype',
+      { ...good, [`${W}.absmax`]: { dtype: 'F32', shape: [5], data: new Uint8Array(20) } },
+      `${W}.absmax`,
+    ],
     [
       'nested map size',
       { ...good, [`${W}.nested_quant_map`]: { dtype: 'F32', shape: [16], data: new Uint8Array(64) } },
@@ -152,7 +171,10 @@ test('malformed states: FormatError naming the tensor', () => {
     ],
     [
       'quant_map is not the NF4 table',
-      { ...good, [`${W}.quant_map`]: toBnb4bitTensors(P, quantize4bit(weights(64), { quantType: 'fp4' }))[`${W}.quant_map`]! },
+      {
+        ...good,
+        [`${W}.quant_map`]: toBnb4bitTensors(P, quantize4bit(weights(64), { quantType: 'fp4' }))[`${W}.quant_map`]!,
+      },
       `${W}.quant_map`,
     ],
   ];
@@ -183,7 +205,11 @@ test('quantization_config: transformers defaults and the QLoRA recipe, as to_dic
   );
   // In config.json (save_pretrained: indent=2, sort_keys=True).
   const file = pyJsonDumps({ quantization_config: q }, { indent: 2, sortKeys: true, floatKeys: BNB_CONFIG_FLOAT_KEYS });
-  assert.ok(file.includes('\n    "_load_in_4bit": true,\n    "_load_in_8bit": false,\n    "bnb_4bit_compute_dtype": "bfloat16",'));
+  assert.ok(
+    file.includes(
+      '\n    "_load_in_4bit": true,\n    "_load_in_8bit": false,\n    "bnb_4bit_compute_dtype": "bfloat16",',
+    ),
+  );
   assert.ok(file.includes('"llm_int8_threshold": 6.0,'));
   assert.deepEqual(parseBnbQuantizationConfig(JSON.parse(file).quantization_config), q);
 });

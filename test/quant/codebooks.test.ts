@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
+  createDynamicMap,
   DYNAMIC_MAP_SIGNED,
   FP4_CODE,
   NF4_CODE,
-  createDynamicMap,
   torchLinspaceF32,
 } from '../../src/quant/codebooks.ts';
 

@@ -27,9 +27,15 @@ test("pyFloatRepr matches Python's repr(float)", () => {
 });
 
 test('pyJsonDumps: default separators, indent, sort_keys, ensure_ascii, float keys', () => {
-  assert.equal(pyJsonDumps({ a: [1, 2], b: 'x', c: null, d: true, e: 0.5 }), '{"a": [1, 2], "b": "x", "c": null, "d": true, "e": 0.5}');
+  assert.equal(
+    pyJsonDumps({ a: [1, 2], b: 'x', c: null, d: true, e: 0.5 }),
+    '{"a": [1, 2], "b": "x", "c": null, "d": true, "e": 0.5}',
+  );
   assert.equal(pyJsonDumps({ t: 6 }, { floatKeys: new Set(['t']) }), '{"t": 6.0}');
   assert.equal(pyJsonDumps({ s: 'é"\n\u0001' }), '{"s": "\\u00e9\\"\\n\\u0001"}');
-  assert.equal(pyJsonDumps({ b: 1, a: { y: [], x: {} } }, { indent: 2, sortKeys: true }), '{\n  "a": {\n    "x": {},\n    "y": []\n  },\n  "b": 1\n}');
+  assert.equal(
+    pyJsonDumps({ b: 1, a: { y: [], x: {} } }, { indent: 2, sortKeys: true }),
+    '{\n  "a": {\n    "x": {},\n    "y": []\n  },\n  "b": 1\n}',
+  );
   assert.equal(pyJsonDumps([1e21, 2 ** 53]), '[1000000000000000000000, 9007199254740992]');
 });

@@ -5,8 +5,15 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { readGguf } from '../../src/formats/gguf.ts';
 import { tokenizerFromGguf } from '../../src/tokenize/gguf.ts';
+import { LLAMA3_PATTERN } from '../../src/tokenize/pre-tokenizers.ts';
 import { tokenizerFromSentencePieceModel } from '../../src/tokenize/spm.ts';
-import { llama3TiktokenOptions, tokenizerFromTiktoken } from '../../src/tokenize/tiktoken.ts';
+import {
+  llama3SpecialTokens,
+  llama3TiktokenOptions,
+  readTiktokenRanks,
+  tiktokenJson,
+  tokenizerFromTiktoken,
+} from '../../src/tokenize/tiktoken.ts';
 import type { Tokenizer } from '../../src/tokenize/tokenizer.ts';
 import { readVocabVectors, SHARED, skipUnless } from './shared-data.ts';
 
@@ -21,7 +28,7 @@ function checkVectors(name: string, tok: Tokenizer): void {
     else wrong.push(`${JSON.stringify(text)}\n  expected ${ids.join(' ')}\n  got      ${got.join(' ')}`);
     assert.equal(tok.decode(got), text, `${name}: decode(encode(${JSON.stringify(text)}))`);
   }
-  console.log(`# ${name}: ${matched}/${vectors.length} reference vectors matched`);
+  console.log(`${name}: ${matched}/${vectors.length} reference vectors matched`);
   assert.deepEqual(wrong, [], `${name}: ${wrong.length} vectors differ`);
 }
 
@@ -59,4 +66,32 @@ test('Llama 2 SentencePiece .model reproduces the llama-spm reference ids', {
   assert.equal(tok.addBos, true);
   checkVectors('llama-spm', tok);
   assert.deepEqual(tok.encode('Hello world'), [1, 15043, 3186]);
+});
+
+test('a GGUF-style llama-bpe vocabulary (tokens + merges + pre) reproduces the llama-bpe reference ids', {
+  skip: skipUnless('tokenizers/llama3-tiktoken/tokenizer.model', 'tokenizers/ggml-vocab/ggml-vocab-llama-bpe.gguf.out'),
+}, () => {
+  // The llama-bpe GGUF is not in ../shared; rebuild its metadata from the same vocabulary, as llama.cpp's
+  // converter writes it: tokens by id, merges as "left right", specials as control tokens, pre 'llama-bpe'.
+  const ranks = readTiktokenRanks(`${SHARED}tokenizers/llama3-tiktoken/tokenizer.model`);
+  const specials = llama3SpecialTokens().map((content, i) => ({ content, id: 128000 + i }));
+  const json = tiktokenJson(ranks, LLAMA3_PATTERN, specials);
+  const tokens = new Array<string>(128256);
+  for (const [t, id] of Object.entries(json.model.vocab as Record<string, number>)) tokens[id] = t;
+  for (const s of specials) tokens[s.id] = s.content;
+  const tok = tokenizerFromGguf(
+    {
+      'tokenizer.ggml.model': 'gpt2',
+      'tokenizer.ggml.pre': 'llama-bpe',
+      'tokenizer.ggml.tokens': tokens,
+      'tokenizer.ggml.token_type': tokens.map((_, i) => (i >= 128000 ? 3 : 1)),
+      'tokenizer.ggml.merges': (json.model.merges as [string, string][]).map(([a, b]) => `${a} ${b}`),
+      'tokenizer.ggml.bos_token_id': 128000,
+      'tokenizer.ggml.eos_token_id': 128009,
+    },
+    { source: 'llama-bpe (rebuilt)' },
+  );
+  assert.equal(tok.addBos, true); // llama.cpp's default for the llama3 pre-tokenizers
+  assert.ok(tok.eosIds.has(128009) && tok.eosIds.has(128008) && tok.eosIds.has(128001));
+  checkVectors('llama-bpe', tok);
 });

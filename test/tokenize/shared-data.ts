@@ -9,7 +9,7 @@ export function skipUnless(...relPaths: string[]): false | string {
   const missing = relPaths.filter((p) => !existsSync(SHARED + p));
   if (missing.length === 0) return false;
   const reason = `reference data absent: ${missing.map((p) => SHARED + p).join(', ')}`;
-  console.log(`# skipping: ${reason}`);
+  console.log(`skipping: ${reason}`);
   return reason;
 }
 

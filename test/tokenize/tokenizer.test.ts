@@ -1,11 +1,15 @@
 // The Tokenizer wrapper on small synthetic vocabularies: encode/decode, BOS/EOS, ids, streaming decode.
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { FormatError, IndexError } from '../../src/core/errors.ts';
 import { BYTE_TO_CHAR, textToByteLevel } from '../../src/tokenize/byte-level.ts';
 import { byteLevelBpeJson, tokenizerFromGguf } from '../../src/tokenize/gguf.ts';
-import { GPT2_PATTERN } from '../../src/tokenize/pre-tokenizers.ts';
+import { GPT2_PATTERN, knownPreTokenizers } from '../../src/tokenize/pre-tokenizers.ts';
 import { PieceType, spmMerges, spmTokenizerJson } from '../../src/tokenize/spm.ts';
+import { tokenizerFromTiktoken } from '../../src/tokenize/tiktoken.ts';
 import { Tokenizer } from '../../src/tokenize/tokenizer.ts';
 
 /** Byte-level BPE: the 256 byte tokens, merges for "he", "ll", "hell", "hello", "Ġw", then specials. */
@@ -191,4 +195,51 @@ test('tokenizerFromGguf: metadata checks and special-token ids', () => {
     () => tokenizerFromGguf({ ...meta, 'tokenizer.ggml.scores': [0] }),
     /tokenizer\.ggml\.scores has 1 entries/,
   );
+});
+
+test('tiktoken ranks file: merges from ranks, specials after the ranks, bad lines are FormatErrors', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'lowrank-tiktoken-'));
+  try {
+    const line = (s: string, rank: number) => `${Buffer.from(s, 'latin1').toString('base64')} ${rank}`;
+    const ranks: string[] = [];
+    for (let b = 0; b < 256; b++) ranks.push(line(String.fromCharCode(b), b));
+    ranks.push(line('he', 256), line('ll', 257), line('hell', 258), line('hello', 259), line(' w', 260));
+    const path = join(dir, 'tokenizer.model');
+    writeFileSync(path, `${ranks.join('\n')}\n`);
+    const tok = tokenizerFromTiktoken(path, {
+      specialTokens: ['<|bos|>', '<|eos|>'],
+      bosToken: '<|bos|>',
+      eosToken: '<|eos|>',
+      addBos: true,
+    });
+    assert.equal(tok.vocabSize, 263);
+    assert.deepEqual(tok.encode('hello world'), [261, 259, 260, ...[...'orld'].map((c) => c.charCodeAt(0))]);
+    assert.equal(tok.decode(tok.encode('hello world<|eos|>')), '<|bos|>hello world<|eos|>');
+    assert.deepEqual([...tok.eosIds], [262]);
+    writeFileSync(path, 'aGVsbG8= notanumber\n');
+    assert.throws(
+      () => tokenizerFromTiktoken(path),
+      (e: Error) => e instanceof FormatError && /tokenizer\.model:1:/.test(e.message),
+    );
+    assert.throws(() => tokenizerFromTiktoken(join(dir, 'absent.model')), FormatError);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('every known GGUF pre-tokenizer compiles and round-trips mixed text', () => {
+  const text = "Hello, y'all! 3333 日本語 Cửa Việt\n\n  \tx = 42; // ok ½ 🙂 'RE ''\r\n";
+  for (const pre of knownPreTokenizers()) {
+    const tok = tokenizerFromGguf(
+      {
+        'tokenizer.ggml.model': 'gpt2',
+        'tokenizer.ggml.pre': pre,
+        'tokenizer.ggml.tokens': [...BYTE_TO_CHAR],
+        'tokenizer.ggml.merges': ['Ġ t', 'h e'],
+      },
+      { source: pre },
+    );
+    const ids = tok.encode(text, { addSpecialTokens: false });
+    assert.equal(tok.decode(ids), text, pre);
+  }
 });

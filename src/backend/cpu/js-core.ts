@@ -89,8 +89,8 @@ const binaryFns: Record<BinaryOp, (a: number, b: number) => number> = {
   sub: (a, b) => a - b,
   mul: (a, b) => a * b,
   div: (a, b) => a / b,
-  max: (a, b) => (a >= b ? a : b),
-  min: (a, b) => (a <= b ? a : b),
+  max: Math.max,
+  min: Math.min,
   eq: (a, b) => (a === b ? 1 : 0),
 };
 
@@ -159,7 +159,7 @@ function unary(op: UnaryOp, x: Tensor, out: Tensor, scalar = 0): void {
       f = Math.tanh;
       break;
     case 'relu':
-      f = (v) => (v > 0 ? v : 0);
+      f = (v) => Math.max(v, 0);
       break;
     case 'silu':
       f = (v) => v / (1 + Math.exp(-v));
@@ -283,4 +283,3 @@ export const jsCoreKernels: CoreKernels = {
   gatherRows,
   scatterAddRows,
 };
-

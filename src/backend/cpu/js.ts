@@ -8,6 +8,7 @@ import { jsDropoutKernels } from './js-dropout.ts';
 import { jsEmbeddingKernels } from './js-embedding.ts';
 import { jsLossKernels } from './js-loss.ts';
 import { jsNormKernels } from './js-norm.ts';
+import { jsOptimKernels } from './js-optim.ts';
 import { jsRopeKernels } from './js-rope.ts';
 
 export const jsBackend: Backend = {
@@ -19,4 +20,5 @@ export const jsBackend: Backend = {
   ...jsLossKernels,
   ...jsEmbeddingKernels,
   ...jsDropoutKernels,
+  ...jsOptimKernels,
 };

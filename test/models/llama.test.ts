@@ -1,0 +1,152 @@
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { ConfigError, FormatError, ShapeError } from '../../src/core/errors.ts';
+import { Rng } from '../../src/core/rng.ts';
+import { configFromHF, configToHF } from '../../src/models/config.ts';
+import { DecodeSession, fullLogits, generate, generateBatch } from '../../src/models/generate.ts';
+import { LlamaForCausalLM } from '../../src/models/llama.ts';
+import { loadModel, permuteRope, unpermuteRope } from '../../src/models/load.ts';
+import { saveModelHF } from '../../src/models/save.ts';
+import { intTensor } from '../../src/ops/create.ts';
+import { loadTokenizer } from '../../src/tokenize/hf.ts';
+
+const STORIES = '../shared/models/stories260K/stories260K.gguf';
+const haveStories = existsSync(STORIES);
+if (!haveStories) console.log(`skipping stories260K tests: ${STORIES} is absent`);
+
+function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
+  return m;
+}
+
+test('stories260K (GGUF) writes coherent TinyStories text with greedy decoding', { skip: !haveStories }, async () => {
+  const { model } = await loadModel(STORIES);
+  const tok = loadTokenizer(STORIES);
+  const r = generate(model, tok, tok.encode('Once upon a time', { addSpecialTokens: true }), { maxTokens: 40, temperature: 0 });
+  assert.match(r.text, /^, there was a little girl named Lily\. She loved to play/);
+  assert.equal(r.completionTokens, 40);
+  model.dispose();
+});
+
+test('KV-cache decoding gives the same logits and tokens as full forwards', { skip: !haveStories }, async () => {
+  const { model } = await loadModel(STORIES);
+  const tok = loadTokenizer(STORIES);
+  const prompt = tok.encode('The cat sat on the mat. The dog', { addSpecialTokens: true });
+  const r = generate(model, tok, prompt, { maxTokens: 12, temperature: 0 });
+  const seq = [...prompt, ...r.tokens];
+  const full = fullLogits(model, seq);
+  const V = model.config.vocab_size;
+  // greedy choice of each full-forward position equals the generated token
+  for (let i = 0; i < r.tokens.length; i++) {
+    const row = full.subarray((prompt.length - 1 + i) * V, (prompt.length + i) * V);
+    let best = 0;
+    for (let j = 1; j < V; j++) if (row[j]! > row[best]!) best = j;
+    assert.equal(best, r.tokens[i], `position ${i}`);
+  }
+  // and the cached logits match the full forward's
+  const s = new DecodeSession(model, 1, seq.length);
+  let lg = s.step([prompt]);
+  for (let i = 0; i < r.tokens.length; i++) {
+    const row = full.subarray((prompt.length - 1 + i) * V, (prompt.length + i) * V);
+    assert.ok(maxAbsDiff(lg[0]!, row) < 1e-4, `decode step ${i}`);
+    lg = s.step([[r.tokens[i]!]]);
+  }
+  s.dispose();
+  model.dispose();
+});
+
+test('batched (left-padded) and unbatched generation agree', { skip: !haveStories }, async () => {
+  const { model } = await loadModel(STORIES);
+  const tok = loadTokenizer(STORIES);
+  const prompts = ['Once upon a time', 'Tom had a red ball and', 'Lily'].map((p) => tok.encode(p, { addSpecialTokens: true }));
+  const batched = generateBatch(model, prompts, { maxTokens: 10, temperature: 0 });
+  for (let b = 0; b < prompts.length; b++) {
+    const single = generateBatch(model, [prompts[b]!], { maxTokens: 10, temperature: 0 });
+    assert.deepEqual(batched[b], single[0], `row ${b}`);
+  }
+  // logits too: the padded row's last-position logits equal the unpadded run's
+  const s1 = new DecodeSession(model, 2, 16);
+  const L = prompts[1]!.length;
+  const p0 = prompts[0]!;
+  const padded = [[...new Array(L - p0.length).fill(0), ...p0], prompts[1]!];
+  const valid = [[...new Array(L - p0.length).fill(0), ...p0.map(() => 1)], prompts[1]!.map(() => 1)];
+  const both = s1.step(padded, valid);
+  s1.dispose();
+  const s2 = new DecodeSession(model, 1, 16);
+  const alone = s2.step([p0]);
+  s2.dispose();
+  assert.ok(maxAbsDiff(both[0]!, alone[0]!) < 1e-4);
+  model.dispose();
+});
+
+test('sampling is reproducible with a seed and honours stop strings and max tokens', { skip: !haveStories }, async () => {
+  const { model } = await loadModel(STORIES);
+  const tok = loadTokenizer(STORIES);
+  const ids = tok.encode('Once upon a time', { addSpecialTokens: true });
+  const o = { maxTokens: 30, temperature: 0.9, topP: 0.9, topK: 40, seed: 7 };
+  const a = generate(model, tok, ids, o);
+  const b = generate(model, tok, ids, o);
+  assert.deepEqual(a.tokens, b.tokens);
+  const c = generate(model, tok, ids, { ...o, seed: 8 });
+  assert.notDeepEqual(a.tokens, c.tokens);
+  const stopped = generate(model, tok, ids, { maxTokens: 40, temperature: 0, stop: ['Lily'] });
+  assert.equal(stopped.finishReason, 'stop');
+  assert.equal(stopped.text, ', there was a little girl named ');
+  assert.equal(generate(model, tok, ids, { maxTokens: 3, temperature: 0 }).finishReason, 'length');
+  model.dispose();
+});
+
+test('an HF dir written from a model loads back bit-exactly (f32 and bf16)', async () => {
+  const cfg = configFromHF({
+    model_type: 'qwen2',
+    vocab_size: 50,
+    hidden_size: 16,
+    intermediate_size: 24,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+  });
+  const model = new LlamaForCausalLM(cfg, { rng: new Rng(1) });
+  const dir = mkdtempSync(join(tmpdir(), 'lowrank-hf-'));
+  try {
+    for (const dtype of ['f32', 'bf16'] as const) {
+      await saveModelHF(model.namedParameters(), cfg, dir, { dtype });
+      const { model: back, config } = await loadModel(dir);
+      assert.deepEqual(configToHF(config), configToHF({ ...cfg, torch_dtype: dtype === 'f32' ? 'float32' : 'bfloat16' }));
+      for (const [name, p] of back.namedParameters()) {
+        const orig = model.getModule(name.split('.').slice(0, -1).join('.'))!.getParam(name.split('.').pop()!)!;
+        if (name.endsWith('.weight')) assert.equal(p.dtype, dtype, name);
+        if (dtype === 'f32') assert.deepEqual(p.toF32(), orig.toF32(), name);
+      }
+      const ids = intTensor([1, 2, 3], [1, 3]);
+      const positions = intTensor([0, 1, 2], [1, 3]);
+      if (dtype === 'f32')
+        assert.deepEqual(back.forward(ids, { positions }).toF32(), model.forward(ids, { positions }).toF32());
+      back.dispose();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('GGUF rope permutation round-trips; bad configs and inputs give typed errors', () => {
+  const w = Float32Array.from({ length: 8 * 3 }, (_, i) => i);
+  assert.deepEqual(unpermuteRope(permuteRope(w, 8, 3, 2), 8, 3, 2), w);
+  assert.throws(() => configFromHF({ model_type: 'gpt2' }), ConfigError);
+  assert.throws(
+    () => configFromHF({ model_type: 'llama', vocab_size: 10, hidden_size: 8, intermediate_size: 8, num_hidden_layers: 1, num_attention_heads: 3, num_key_value_heads: 2 }),
+    /multiple of num_key_value_heads/,
+  );
+  const model = new LlamaForCausalLM(
+    configFromHF({ model_type: 'llama', vocab_size: 10, hidden_size: 8, intermediate_size: 8, num_hidden_layers: 1, num_attention_heads: 2 }),
+  );
+  assert.throws(() => model.forward(intTensor([1, 2]), { positions: intTensor([0, 1]) }), ShapeError);
+  assert.throws(() => model.forward(intTensor([1, 12], [1, 2]), { positions: intTensor([0, 1], [1, 2]) }), /out of range|12/);
+  model.dispose();
+  assert.rejects(loadModel('/nonexistent/model'), ConfigError);
+  void FormatError;
+});
