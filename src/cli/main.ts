@@ -7,6 +7,7 @@ import { registerGenerate } from './generate.ts';
 import { registerInfo } from './info.ts';
 import { registerInitModel } from './init-model.ts';
 import { registerTokenize } from './tokenize.ts';
+import { registerTrain } from './train.ts';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -19,6 +20,7 @@ export function buildProgram(): Command {
   registerTokenize(program);
   registerGenerate(program);
   registerInitModel(program);
+  registerTrain(program);
   return program;
 }
 

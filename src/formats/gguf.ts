@@ -738,7 +738,8 @@ function writeScalar(out: Bytes, t: GgufScalarType, v: GgufValue, key: string): 
 
 function writeValue(out: Bytes, spec: GgufTypeSpec, v: GgufValue, key: string, withType: boolean): void {
   if (typeof spec === 'string') {
-    if (VT_ID[spec] === undefined || spec === ('array' as string)) werr(`"${key}": unknown GGUF type ${String(spec)}`);
+    if (!Object.hasOwn(VT_ID, spec) || spec === ('array' as string))
+      werr(`"${key}": unknown GGUF type ${String(spec)}`);
     if (withType) out.u32(VT_ID[spec]);
     writeScalar(out, spec, v, key);
     return;

@@ -22,6 +22,8 @@ import { writeFileAtomic } from './atomic.ts';
 
 /** A download or Hub lookup failed (network, HTTP status, checksum, or offline without a cached copy). */
 export class HubError extends LowrankError {}
+/** The Hub could not be reached at all (as opposed to answering with an error). */
+class HubUnreachableError extends HubError {}
 
 export interface HubRef {
   /** owner/name */
@@ -181,7 +183,7 @@ async function request(s: Settings, url: string, init: RequestInit, what: string
     return await s.fetch(url, init);
   } catch (e) {
     const cause = (e as { cause?: { message?: string } }).cause?.message ?? (e as Error).message;
-    throw new HubError(
+    throw new HubUnreachableError(
       `${what}: cannot reach ${s.endpoint} (${cause}). Check the network, or set HF_HUB_OFFLINE=1 to use only cached files`,
     );
   }
@@ -377,7 +379,7 @@ export async function hubDownloadFile(
   try {
     meta = await fileMeta(s, repo, revision, file);
   } catch (e) {
-    if (cached && e instanceof HubError && /cannot reach/.test(e.message)) return cached;
+    if (cached && e instanceof HubUnreachableError) return cached;
     throw e;
   }
   const what = `hf://${repo}/${file}`;
@@ -473,7 +475,7 @@ export async function hubSnapshot(repo: string, opts: HubOptions & { revision?: 
   try {
     res = await request(s, url, { headers: headers(s) }, what);
   } catch (e) {
-    if (cachedOk) return cachedDir;
+    if (cachedOk && e instanceof HubUnreachableError) return cachedDir;
     throw e;
   }
   if (!res.ok) {

@@ -270,7 +270,7 @@ function validateHeader(
 }
 
 /** Parses and validates a header from the first bytes of a file; `fileSize` is the whole file's size. */
-export function parseSafetensorsHeader(
+function parseSafetensorsHeader(
   file: string,
   readAt: (position: number, length: number, what: string) => Uint8Array,
   fileSize: number,

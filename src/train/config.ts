@@ -648,7 +648,8 @@ function describeIssue(
       });
     }
     case 'invalid_type': {
-      const expected = issue.message === INT_MESSAGE ? 'an integer' : (EXPECTED_NAMES[issue.expected] ?? issue.expected);
+      const expected =
+        issue.message === INT_MESSAGE ? 'an integer' : (EXPECTED_NAMES[issue.expected] ?? issue.expected);
       return [`${where(p)}: ${name}: expected ${expected}, got ${describeValue(value)}`];
     }
     case 'too_small': {

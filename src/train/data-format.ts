@@ -16,9 +16,11 @@
 // empty think block where the template adds one, and the end-of-turn token (Axolotl's train_on_eos: turn).
 // This needs P to be a prefix of F_i and F_i a prefix of the whole conversation. Templates that render
 // earlier turns differently (Qwen3 drops think blocks from turns before the last user message) break that;
-// then the turn is found by searching for its content in the whole render and extending it over the
-// template's end-of-turn text (learned by rendering a two-message probe). Such turns are counted in the
-// report; a turn found by neither way is a DataError.
+// then the turn is found by searching the whole render, after the previous span, for generation prompt +
+// content + end-of-turn text (both learned once per dataset by rendering a two-message probe), then for
+// content + end-of-turn, then for the content alone. Such turns are counted in the report; a turn found by
+// no means is a DataError. A trained turn of another role (message_field_training) starts at its content
+// rather than at the generation prompt.
 
 import { DataError } from '../core/errors.ts';
 import type { DatasetConfig } from './config.ts';
@@ -102,7 +104,8 @@ export function alpacaPrompt(instruction: string, input?: string): string {
 /** Per-dataset state: the completion shape and the chat template's end-of-turn text. */
 export interface DatasetFormatState {
   shape: CompletionShape;
-  endOfTurn?: string;
+  /** Learned from the chat template on first need. */
+  frame?: TurnFrame;
 }
 
 /** Turns one record into an example (or a drop with its reason). Throws DataError for malformed records. */
@@ -409,22 +412,113 @@ function chatRenderer(spec: DatasetConfig, rec: SourceRecord, tok: TextTokenizer
   };
 }
 
-/** The text a template puts after an assistant turn's content (e.g. "<|im_end|>\n"), from a probe. */
-function learnEndOfTurn(render: ChatRenderer): string {
+/** What a template emits around an assistant turn, learned once per dataset from a two-message probe. */
+interface TurnFrame {
+  /** The generation prompt, e.g. "<|im_start|>assistant\n". */
+  header: string;
+  /** What follows the content, e.g. "<|im_end|>\n". */
+  endOfTurn: string;
+}
+
+function learnTurnFrame(render: ChatRenderer): TurnFrame {
+  const question = [{ role: 'user', content: 'lowrank probe question' }];
   const answer = 'lowrank probe answer';
+  const frame: TurnFrame = { header: '', endOfTurn: '' };
   try {
-    const full = render(
-      [
-        { role: 'user', content: 'lowrank probe question' },
-        { role: 'assistant', content: answer },
-      ],
-      { addGenerationPrompt: false },
-    );
+    const full = render([...question, { role: 'assistant', content: answer }], { addGenerationPrompt: false });
     const at = full.lastIndexOf(answer);
-    return at < 0 ? '' : full.slice(at + answer.length);
+    if (at >= 0) frame.endOfTurn = full.slice(at + answer.length);
+    const asked = render(question, { addGenerationPrompt: false });
+    const prompted = render(question, { addGenerationPrompt: true });
+    if (prompted.startsWith(asked)) frame.header = prompted.slice(asked.length);
   } catch {
-    return '';
+    // a template that rejects the probe: search by content alone
   }
+  return frame;
+}
+
+function renderOr(
+  render: ChatRenderer,
+  messages: ChatMessage[],
+  addGenerationPrompt: boolean,
+  fallback: string,
+): string {
+  try {
+    return render(messages, { addGenerationPrompt });
+  } catch {
+    return fallback;
+  }
+}
+
+/**
+ * The character spans of the trained turns in `full` (see the header comment). An assistant turn starts
+ * after the generation prompt; another trained role (message_field_training) starts at its content. Both
+ * end after the template's end-of-turn text.
+ */
+function chatSpans(
+  messages: ParsedMessage[],
+  full: string,
+  render: ChatRenderer,
+  state: DatasetFormatState,
+  where: string,
+  field: string,
+): { spans: [number, number][]; searchedTurns: number } {
+  const plain = messages.map(({ role, content }) => ({ role, content }));
+  const spans: [number, number][] = [];
+  let cursor = 0;
+  let searchedTurns = 0;
+  for (let i = 0; i < messages.length; i++) {
+    const msg = messages[i]!;
+    if (!msg.trained) continue;
+    const assistant = msg.role === 'assistant';
+    // An unrenderable empty prefix means the turn starts the text; any other failure forces the search.
+    const before = renderOr(render, plain.slice(0, i), assistant, i === 0 ? '' : '\u0000');
+    const upto = i === messages.length - 1 ? full : render(plain.slice(0, i + 1), { addGenerationPrompt: false });
+    if (full.startsWith(upto) && upto.startsWith(before) && before.length >= cursor) {
+      let start = before.length;
+      if (!assistant) {
+        state.frame ??= learnTurnFrame(render);
+        const eot = state.frame.endOfTurn;
+        const body = eot && upto.endsWith(eot) ? upto.slice(0, upto.length - eot.length) : upto;
+        if (body.endsWith(msg.content) && body.length - msg.content.length >= start) {
+          start = body.length - msg.content.length;
+        }
+      }
+      spans.push([start, upto.length]);
+      cursor = upto.length;
+      continue;
+    }
+    // Not prefix-stable: look for header + content + end-of-turn after the previous span, then for less.
+    state.frame ??= learnTurnFrame(render);
+    const { header, endOfTurn } = state.frame;
+    let found: [number, number] | undefined;
+    for (const content of new Set([msg.content, msg.content.trim()])) {
+      const tries: [needle: string, skip: number][] = [
+        [content + endOfTurn, 0],
+        [content, 0],
+      ];
+      if (assistant && header) tries.unshift([header + content + endOfTurn, header.length]);
+      for (const [needle, skip] of tries) {
+        const at = needle === '' ? -1 : full.indexOf(needle, cursor);
+        if (at >= 0) {
+          found = [at + skip, at + needle.length];
+          // content alone: take the end-of-turn text too when it follows
+          if (needle === content && endOfTurn && full.startsWith(endOfTurn, found[1])) found[1] += endOfTurn.length;
+          break;
+        }
+      }
+      if (found) break;
+    }
+    if (!found) {
+      throw new DataError(
+        `${where}: cannot locate ${field}[${i}] (${msg.role}) in the chat template's output: the template is not prefix-stable and changes the text of this turn; use a template such as chatml, or train_on_inputs: true`,
+      );
+    }
+    spans.push(found);
+    cursor = found[1];
+    searchedTurns++;
+  }
+  return { spans, searchedTurns };
 }
 
 function chatTokens(
@@ -437,52 +531,22 @@ function chatTokens(
   const messages = chatMessages(rec, spec);
   if (messages.length === 0) return { ids: [], train: [], searchedTurns: 0 };
   const render = chatRenderer(spec, rec, tok, opts);
-  const plain = messages.map(({ role, content }) => ({ role, content }));
-  const full = render(plain, { addGenerationPrompt: false });
-
+  const full = render(
+    messages.map(({ role, content }) => ({ role, content })),
+    { addGenerationPrompt: false },
+  );
   if (opts.trainOnInputs) {
     const { ids, train } = spanTokens(tok, full, [[0, full.length]], false);
     return { ids, train, searchedTurns: 0 };
   }
-  const spans: [number, number][] = [];
-  let cursor = 0;
-  let searchedTurns = 0;
-  for (let i = 0; i < messages.length; i++) {
-    if (!messages[i]!.trained) continue;
-    let prompt: string;
-    try {
-      prompt = render(plain.slice(0, i), { addGenerationPrompt: true });
-    } catch {
-      // Some templates cannot render an empty conversation: a leading assistant turn then starts at 0.
-      // Otherwise, force the content search below.
-      prompt = i === 0 ? '' : '\u0000';
-    }
-    const upto = i === messages.length - 1 ? full : render(plain.slice(0, i + 1), { addGenerationPrompt: false });
-    if (full.startsWith(upto) && upto.startsWith(prompt) && prompt.length >= cursor) {
-      spans.push([prompt.length, upto.length]);
-      cursor = upto.length;
-      continue;
-    }
-    // Not prefix-stable: find the content after the previous span and extend over the end-of-turn text.
-    state.endOfTurn ??= learnEndOfTurn(render);
-    const content = messages[i]!.content;
-    let start = full.indexOf(content, cursor);
-    let text = content;
-    if (start < 0 && content.trim() !== content) {
-      text = content.trim();
-      start = full.indexOf(text, cursor);
-    }
-    if (start < 0) {
-      throw new DataError(
-        `${spec.path}:${rec.line}: cannot locate ${spec.field_messages}[${i}] (${messages[i]!.role}) in the chat template's output: the template is not prefix-stable and changes the text of this turn; use a template such as chatml, or train_on_inputs: true`,
-      );
-    }
-    let end = start + text.length;
-    if (state.endOfTurn && full.startsWith(state.endOfTurn, end)) end += state.endOfTurn.length;
-    spans.push([start, end]);
-    cursor = end;
-    searchedTurns++;
-  }
+  const { spans, searchedTurns } = chatSpans(
+    messages,
+    full,
+    render,
+    state,
+    `${spec.path}:${rec.line}`,
+    spec.field_messages,
+  );
   const { ids, train } = spanTokens(tok, full, spans, false);
   applyTrainOnEos(ids, train, tok.eosId, spec.train_on_eos);
   return { ids, train, searchedTurns };

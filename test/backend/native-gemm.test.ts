@@ -8,8 +8,6 @@
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from '../../src/core/dtype.ts';
-import { Rng } from '../../src/core/rng.ts';
 import {
   loadNativeAddon,
   type NativeAddon,
@@ -17,6 +15,8 @@ import {
   type NativeDTypeCode,
   type NativeIsa,
 } from '../../src/backend/cpu/native-addon.ts';
+import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from '../../src/core/dtype.ts';
+import { Rng } from '../../src/core/rng.ts';
 
 const addon = loadNativeAddon();
 const skip = addon ? false : 'the native addon is not built (npm run build:native) or LOWRANK_BACKEND=js';
@@ -106,15 +106,33 @@ function runCase(n: NativeAddon, rng: Rng, c: Case, ctx: string): void {
   if (c.beta === 0) {
     // beta = 0: C must not be read, so NaN in the window must not leak into the result.
     for (let b = 0; b < batch; b++)
-      for (let i = 0; i < c.M; i++)
-        for (let j = 0; j < c.N; j++) C[cOff + b * strideC + i * ldc + j] = Number.NaN;
+      for (let i = 0; i < c.M; i++) for (let j = 0; j < c.N; j++) C[cOff + b * strideC + i * ldc + j] = Number.NaN;
   }
   const C0 = Float32Array.from(C);
   const Ad = decode(A, c.aDtype);
   const Bd = decode(B, c.bDtype);
 
   if (c.batch === undefined) {
-    n.gemm(c.transA, c.transB, c.M, c.N, c.K, c.alpha, A, aOff, lda, c.aDtype, B, bOff, ldb, c.bDtype, c.beta, C, cOff, ldc);
+    n.gemm(
+      c.transA,
+      c.transB,
+      c.M,
+      c.N,
+      c.K,
+      c.alpha,
+      A,
+      aOff,
+      lda,
+      c.aDtype,
+      B,
+      bOff,
+      ldb,
+      c.bDtype,
+      c.beta,
+      C,
+      cOff,
+      ldc,
+    );
   } else {
     n.gemmBatched(
       batch,
@@ -203,7 +221,12 @@ function checkAll(n: NativeAddon, seed: number, ctx: string): void {
       const aDtype = DTYPES[d % 3]!;
       const bDtype = DTYPES[Math.floor(d / 3) % 3]!;
       d++;
-      runCase(n, rng, { transA: (t & 1) === 1, transB: (t & 2) === 2, M, N, K, aDtype, bDtype, ...randomScalars(rng) }, ctx);
+      runCase(
+        n,
+        rng,
+        { transA: (t & 1) === 1, transB: (t & 2) === 2, M, N, K, aDtype, bDtype, ...randomScalars(rng) },
+        ctx,
+      );
     }
   }
   // Blocked path across cache-block boundaries: several K blocks (beta then 1), row and column blocks, edges.
@@ -216,7 +239,16 @@ function checkAll(n: NativeAddon, seed: number, ctx: string): void {
         runCase(
           n,
           rng,
-          { transA: (t & 1) === 1, transB: (t & 2) === 2, M: M!, N: N!, K: K!, aDtype, bDtype: pick(rng, DTYPES), ...randomScalars(rng) },
+          {
+            transA: (t & 1) === 1,
+            transB: (t & 2) === 2,
+            M: M!,
+            N: N!,
+            K: K!,
+            aDtype,
+            bDtype: pick(rng, DTYPES),
+            ...randomScalars(rng),
+          },
           ctx,
         );
       }
@@ -229,7 +261,12 @@ function checkAll(n: NativeAddon, seed: number, ctx: string): void {
       const N = pick(rng, [1, 5, 64, 100, 257]);
       const K = pick(rng, [1, 15, 16, 17, 129, 300]);
       runCase(n, rng, { transA: M % 2 === 0, transB, M, N, K, aDtype: 0, bDtype, ...randomScalars(rng) }, ctx);
-      runCase(n, rng, { transA: !transB, transB: M % 3 === 0, M: 131, N: M, K, aDtype: bDtype, bDtype: 0, ...randomScalars(rng) }, ctx);
+      runCase(
+        n,
+        rng,
+        { transA: !transB, transB: M % 3 === 0, M: 131, N: M, K, aDtype: bDtype, bDtype: 0, ...randomScalars(rng) },
+        ctx,
+      );
     }
   }
   // Batched: per-entry strides, B shared by every entry, C interleaved within rows, few and many entries.
@@ -301,7 +338,22 @@ test('native gemm is correct with tiny cache blocks (every block edge taken)', {
       const rng = new Rng(7);
       for (let t = 0; t < 4; t++) {
         for (const dt of DTYPES) {
-          runCase(n, rng, { transA: (t & 1) === 1, transB: (t & 2) === 2, M: 57, N: 83, K: 101, alpha: 1.5, beta: 0.5, aDtype: dt, bDtype: dt }, `[${isa}, small blocks]`);
+          runCase(
+            n,
+            rng,
+            {
+              transA: (t & 1) === 1,
+              transB: (t & 2) === 2,
+              M: 57,
+              N: 83,
+              K: 101,
+              alpha: 1.5,
+              beta: 0.5,
+              aDtype: dt,
+              bDtype: dt,
+            },
+            `[${isa}, small blocks]`,
+          );
         }
       }
     } finally {
@@ -330,7 +382,9 @@ test('f16 and bf16 operands convert exactly (subnormals, infinities, NaN)', { sk
               const got = C[i * N + j]!;
               const w = want[i]!;
               if (!(Object.is(got, w) || (Number.isNaN(got) && Number.isNaN(w)) || (got === 0 && w === 0))) {
-                assert.fail(`[${isa}] ${DTYPE_NAME[dtype]} 0x${i.toString(16)}: got ${got}, want ${w} (N=${N}, transA=${transA})`);
+                assert.fail(
+                  `[${isa}] ${DTYPE_NAME[dtype]} 0x${i.toString(16)}: got ${got}, want ${w} (N=${N}, transA=${transA})`,
+                );
               }
             }
           }
@@ -357,15 +411,20 @@ test('native gemm rejects out-of-bounds and malformed arguments without touching
   assert.throws(() => n.gemm(false, false, 3.5, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError); // non-integer
   assert.throws(() => n.gemm(false, false, -1, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError);
   assert.throws(() => n.gemm(false, false, 3, 5, 4, 1, A, 0, 4, 1, B, 0, 5, 0, 0, C, 0, 5), TypeError); // bf16 code, f32 array
-  assert.throws(() => n.gemm(false, false, 3, 5, 4, 1, A, 0, 4, 3, B, 0, 5, 0, 0, C, 0, 5), RangeError); // dtype code
   assert.throws(
-    () => n.gemm(false, false, 3, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, new Uint16Array(15) as unknown as Float32Array, 0, 5),
+    () => n.gemm(false, false, 3, 5, 4, 1, A, 0, 4, 3 as NativeDTypeCode, B, 0, 5, 0, 0, C, 0, 5),
+    RangeError,
+  ); // dtype code
+  assert.throws(
+    () =>
+      n.gemm(false, false, 3, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, new Uint16Array(15) as unknown as Float32Array, 0, 5),
     TypeError,
   );
   // C sharing memory with A.
   const shared = new Float32Array(100);
   assert.throws(
-    () => n.gemm(false, false, 3, 5, 4, 1, shared.subarray(0, 12), 0, 4, 0, B, 0, 5, 0, 0, shared.subarray(10, 25), 0, 5),
+    () =>
+      n.gemm(false, false, 3, 5, 4, 1, shared.subarray(0, 12), 0, 4, 0, B, 0, 5, 0, 0, shared.subarray(10, 25), 0, 5),
     RangeError,
   );
   // Batched: out of bounds on the last entry, and C entries that would overlap.

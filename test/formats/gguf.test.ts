@@ -241,6 +241,7 @@ describe('GGUF writer', () => {
     bad({ x: { type: 'string', value: 3 } }, /not a valid string/);
     bad({ x: { type: 'u64', value: -1n } }, /not a valid u64/);
     bad({ x: { type: 'nope', value: 1 } }, /unknown GGUF type/);
+    bad({ x: { type: 'constructor', value: 1 } }, /unknown GGUF type/);
     bad({ x: { type: { array: 'u8' }, value: 3 } }, /array/);
     bad({ 'general.alignment': 64 }, /u32/);
   });

@@ -335,10 +335,15 @@ describe('downloads from a fake hub on 127.0.0.1', () => {
     await new Promise<void>((r) => dead.listen(0, '127.0.0.1', r));
     const port = (dead.address() as AddressInfo).port;
     await new Promise<void>((r) => dead.close(() => r()));
+    const deadEndpoint = `http://127.0.0.1:${port}`;
     await assert.rejects(
-      hubDownloadFile('acme/tiny', 'config.json', opts({ endpoint: `http://127.0.0.1:${port}` })),
+      hubDownloadFile('acme/tiny', 'config.json', opts({ endpoint: deadEndpoint })),
       /cannot reach .*HF_HUB_OFFLINE=1/,
     );
+    // with a cached copy, a refresh that cannot reach the Hub falls back to the cache
+    const o = opts();
+    const p = await hubDownloadFile('acme/tiny', 'config.json', o);
+    assert.equal(await hubDownloadFile('acme/tiny', 'config.json', { ...o, endpoint: deadEndpoint, refresh: true }), p);
   });
 });
 

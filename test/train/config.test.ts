@@ -192,7 +192,12 @@ special_tokens:
 });
 
 function baseObj(): Record<string, unknown> {
-  return { base_model: 'owner/model', adapter: 'lora', learning_rate: 1e-4, datasets: [{ path: 'd.jsonl', type: 'text' }] };
+  return {
+    base_model: 'owner/model',
+    adapter: 'lora',
+    learning_rate: 1e-4,
+    datasets: [{ path: 'd.jsonl', type: 'text' }],
+  };
 }
 
 describe('errors name the file, line and key', () => {
@@ -230,14 +235,17 @@ datasets:
 
   test('range and enum errors', () => {
     throwsConfig(() => parseTrainConfig({ ...baseObj(), lora_dropout: 1.5 }), 'lora_dropout: must be < 1, got 1.5');
-    throwsConfig(() => parseTrainConfig({ ...baseObj(), micro_batch_size: 0 }), 'micro_batch_size: must be >= 1, got 0');
+    throwsConfig(
+      () => parseTrainConfig({ ...baseObj(), micro_batch_size: 0 }),
+      'micro_batch_size: must be >= 1, got 0',
+    );
     throwsConfig(
       () => parseTrainConfig({ ...baseObj(), lr_scheduler: 'cosin' }),
-      "lr_scheduler: expected one of constant, constant_with_warmup, linear, cosine, got \"cosin\" (a string) (did you mean 'cosine'?)",
+      'lr_scheduler: expected one of constant, constant_with_warmup, linear, cosine, got "cosin" (a string) (did you mean \'cosine\'?)',
     );
     throwsConfig(
       () => parseTrainConfig({ ...baseObj(), datasets: [{ path: 'a', type: 'alpacca' }] }),
-      "datasets.0.type: expected one of text, completion, alpaca, chat, chat_template, input_output, got \"alpacca\" (a string) (did you mean 'alpaca'?)",
+      'datasets.0.type: expected one of text, completion, alpaca, chat, chat_template, input_output, got "alpacca" (a string) (did you mean \'alpaca\'?)',
     );
     throwsConfig(() => parseTrainConfig({ ...baseObj(), datasets: [] }), 'datasets: needs at least 1 item(s)');
     throwsConfig(
@@ -266,7 +274,7 @@ datasets:
 
   test('YAML syntax errors name file:line:col', () => {
     const file = writeConfig('base_model: m\ndatasets:\n  - path: "a.jsonl\n    type: text\n');
-    throwsConfig(() => loadTrainConfig(file), new RegExp(`${escape(file)}:\\d+:\\d+: YAML syntax error: `));
+    throwsConfig(() => loadTrainConfig(file), new RegExp(`${escapeRe(file)}:\\d+:\\d+: YAML syntax error: `));
     const dup = writeConfig('base_model: m\nbase_model: n\n');
     throwsConfig(() => loadTrainConfig(dup), `${dup}:2:1: YAML syntax error:`);
   });
@@ -278,7 +286,7 @@ datasets:
   });
 });
 
-function escape(s: string): string {
+function escapeRe(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
@@ -289,7 +297,10 @@ describe('cross-field checks', () => {
       () => parseTrainConfig({ ...baseObj(), adapter: 'qlora', load_in_4bit: false }),
       'adapter: qlora needs load_in_4bit: true',
     );
-    throwsConfig(() => parseTrainConfig({ ...baseObj(), adapter: 'full', load_in_4bit: true }), 'load_in_4bit needs an adapter');
+    throwsConfig(
+      () => parseTrainConfig({ ...baseObj(), adapter: 'full', load_in_4bit: true }),
+      'load_in_4bit needs an adapter',
+    );
     throwsConfig(() => parseTrainConfig({ ...baseObj(), load_in_8bit: true }), '8-bit base is not supported');
     const c = parseTrainConfig({ ...baseObj(), adapter: 'lora', load_in_4bit: true });
     assert.equal(c.adapter, 'qlora');
@@ -301,7 +312,10 @@ describe('cross-field checks', () => {
     const q = parseTrainConfig({ ...baseObj(), adapter: 'qlora', peft_use_dora: true });
     assert.equal(q.adapter, 'dora');
     assert.equal(q.load_in_4bit, true);
-    throwsConfig(() => parseTrainConfig({ ...baseObj(), adapter: 'full', peft_use_dora: true }), 'peft_use_dora needs adapter');
+    throwsConfig(
+      () => parseTrainConfig({ ...baseObj(), adapter: 'full', peft_use_dora: true }),
+      'peft_use_dora needs adapter',
+    );
   });
 
   test('rsLoRA spellings', () => {
@@ -312,7 +326,10 @@ describe('cross-field checks', () => {
 
   test('target modules: a list, a single name, all-linear', () => {
     assert.deepEqual(parseTrainConfig({ ...baseObj(), lora_target_modules: 'q_proj' }).lora_target_modules, ['q_proj']);
-    assert.equal(parseTrainConfig({ ...baseObj(), lora_target_modules: 'all-linear' }).lora_target_modules, 'all-linear');
+    assert.equal(
+      parseTrainConfig({ ...baseObj(), lora_target_modules: 'all-linear' }).lora_target_modules,
+      'all-linear',
+    );
     const both = parseTrainConfig({ ...baseObj(), lora_target_linear: true, lora_target_modules: ['q_proj'] });
     assert.equal(both.lora_target_modules, 'all-linear');
     assert.match(both.warnings.join('\n'), /already targets every linear layer/);
@@ -337,7 +354,10 @@ describe('cross-field checks', () => {
     throwsConfig(() => parseTrainConfig({ ...baseObj(), early_stopping_patience: 3 }), 'needs evaluation data');
     const ok = parseTrainConfig({ ...baseObj(), early_stopping_patience: 3, val_set_size: 0.1 });
     assert.equal(ok.early_stopping_patience, 3);
-    throwsConfig(() => parseTrainConfig({ ...baseObj(), eval_steps: 10, evals_per_epoch: 2, val_set_size: 0.1 }), 'exclusive');
+    throwsConfig(
+      () => parseTrainConfig({ ...baseObj(), eval_steps: 10, evals_per_epoch: 2, val_set_size: 0.1 }),
+      'exclusive',
+    );
     const w = parseTrainConfig({ ...baseObj(), eval_steps: 10 }).warnings.join('\n');
     assert.match(w, /eval_steps has no effect without val_set_size/);
   });
@@ -375,7 +395,10 @@ describe('cross-field checks', () => {
     assert.equal(loadTrainConfig(file).chat_template_jinja, '{% for m in messages %}{{ m.content }}{% endfor %}');
     const inline = parseTrainConfig({ ...baseObj(), chat_template_jinja: '{{ messages }}' });
     assert.equal(inline.chat_template_jinja, '{{ messages }}');
-    throwsConfig(() => parseTrainConfig({ ...baseObj(), chat_template_jinja: 'missing.jinja' }), 'neither a Jinja template');
+    throwsConfig(
+      () => parseTrainConfig({ ...baseObj(), chat_template_jinja: 'missing.jinja' }),
+      'neither a Jinja template',
+    );
   });
 });
 
@@ -409,10 +432,16 @@ describe('--set overrides', () => {
 
   test('override errors name --set', () => {
     const file = writeConfig(MINIMAL);
-    throwsConfig(() => loadTrainConfig(file, ['lora_rr=3']), "--set lora_rr: unknown key 'lora_rr' (did you mean 'lora_r'?)");
+    throwsConfig(
+      () => loadTrainConfig(file, ['lora_rr=3']),
+      "--set lora_rr: unknown key 'lora_rr' (did you mean 'lora_r'?)",
+    );
     throwsConfig(() => loadTrainConfig(file, ['lora_r=abc']), '--set lora_r: lora_r: expected an integer, got "abc"');
     throwsConfig(() => loadTrainConfig(file, ['lora_r']), '--set expects key=value');
-    throwsConfig(() => loadTrainConfig(file, ['datasets.5.path=x']), 'index 5 is out of range (the list has 1 item(s))');
+    throwsConfig(
+      () => loadTrainConfig(file, ['datasets.5.path=x']),
+      'index 5 is out of range (the list has 1 item(s))',
+    );
     throwsConfig(() => loadTrainConfig(file, ['datasets.x.path=x']), "'datasets.x' indexes a list");
     throwsConfig(() => loadTrainConfig(file, ['learning_rate.x=1']), "'learning_rate' is 0.0002 (a number)");
   });

@@ -1,0 +1,120 @@
+// Shared benchmark helpers: timing (best of several runs, because these machines are shared and noisy),
+// table printing, and the physical limits measured in the same run (FMA peak, memory bandwidth) that every
+// benchmark reports its ratio to.
+
+import { spawnSync } from 'node:child_process';
+import { cpus } from 'node:os';
+import type { NativeAddon } from '../src/backend/cpu/native-addon.ts';
+
+export interface Timing {
+  /** Fastest run, milliseconds: the least disturbed by other processes. */
+  bestMs: number;
+  medianMs: number;
+  runs: number;
+}
+
+/** Runs fn (after one warm-up) at least minRuns times and until minTotalMs has passed, at most maxRuns. */
+export function timeBest(
+  fn: () => void,
+  opts: { minRuns?: number; maxRuns?: number; minTotalMs?: number } = {},
+): Timing {
+  const minRuns = opts.minRuns ?? 3;
+  const maxRuns = opts.maxRuns ?? 50;
+  const minTotalMs = opts.minTotalMs ?? 200;
+  fn();
+  const times: number[] = [];
+  let total = 0;
+  while (times.length < minRuns || (total < minTotalMs && times.length < maxRuns)) {
+    const t0 = performance.now();
+    fn();
+    const dt = performance.now() - t0;
+    times.push(dt);
+    total += dt;
+  }
+  times.sort((a, b) => a - b);
+  return { bestMs: times[0]!, medianMs: times[Math.floor(times.length / 2)]!, runs: times.length };
+}
+
+/** Keeps, per key, the best (largest) value seen over several rounds. */
+export class BestOf {
+  private readonly values = new Map<string, number>();
+  add(key: string, value: number): void {
+    const old = this.values.get(key);
+    if (old === undefined || value > old) this.values.set(key, value);
+  }
+  get(key: string): number | undefined {
+    return this.values.get(key);
+  }
+}
+
+export function fmt(x: number | undefined, digits = 1): string {
+  if (x === undefined || !Number.isFinite(x)) return '-';
+  return x.toFixed(digits);
+}
+
+export function ratio(x: number | undefined, ref: number | undefined): string {
+  if (x === undefined || ref === undefined || !(ref > 0)) return '-';
+  return `${((100 * x) / ref).toFixed(0)}%`;
+}
+
+/** Prints a Markdown table (readable in a terminal and pasteable into notes). */
+export function printTable(title: string, headers: string[], rows: string[][]): void {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`;
+  console.log(`\n${title}\n`);
+  console.log(line(headers));
+  console.log(`| ${widths.map((w) => '-'.repeat(w)).join(' | ')} |`);
+  for (const r of rows) console.log(line(r));
+}
+
+export function machineLine(addon: NativeAddon | null): string {
+  const c = cpus();
+  const isa = addon ? `, kernels ${addon.isa()} (best ${addon.bestIsa()}), ${addon.getThreads()} threads` : '';
+  return `${c[0]?.model ?? 'unknown CPU'} x ${c.length} logical CPUs${isa}, Node ${process.version}`;
+}
+
+export interface Limits {
+  /** FMA throughput, GFLOP/s, with 1 thread and with `threads` threads. */
+  fma1: number;
+  fmaT: number;
+  /** Streaming read and copy bandwidth, GB/s, with 1 thread and with `threads` threads. */
+  read1: number;
+  readT: number;
+  copyT: number;
+}
+
+/** Measures the machine's limits once; call it every round and keep the best (see BestOf). */
+export function measureLimits(addon: NativeAddon, threads: number, bufferBytes = 512 << 20): Limits {
+  // Several short bursts, keeping the best: a burst that shares a core with another process reads low.
+  const burst = (t: number) => Math.max(...Array.from({ length: 8 }, () => addon.fmaPeak(t, 40)));
+  const fma1 = burst(1);
+  const fmaT = threads > 1 ? burst(threads) : fma1;
+  const bw1 = addon.memBandwidth(bufferBytes, 1);
+  const bwT = threads > 1 ? addon.memBandwidth(bufferBytes, threads) : bw1;
+  return { fma1, fmaT, read1: bw1.read, readT: bwT.read, copyT: bwT.copy };
+}
+
+/**
+ * Runs a Python snippet that prints one JSON value on its last line (a peer such as numpy/OpenBLAS measured
+ * in the same run). Returns null, with the reason, when python3 or the module is missing.
+ */
+export function runPythonPeer(
+  code: string,
+  env: Record<string, string>,
+  timeoutMs = 600_000,
+): { value: unknown; error: null } | { value: null; error: string } {
+  const r = spawnSync('python3', ['-c', code], {
+    env: { ...process.env, ...env },
+    encoding: 'utf8',
+    timeout: timeoutMs,
+    maxBuffer: 16 << 20,
+  });
+  if (r.error) return { value: null, error: r.error.message };
+  if (r.status !== 0) return { value: null, error: (r.stderr || `exit ${r.status}`).trim().split('\n').pop()! };
+  const last = r.stdout.trim().split('\n').pop() ?? '';
+  try {
+    return { value: JSON.parse(last), error: null };
+  } catch {
+    return { value: null, error: `unexpected output: ${last.slice(0, 200)}` };
+  }
+}

@@ -1,0 +1,15 @@
+import { loadModel } from '/work/main/src/models/load.ts';
+import { loadTokenizer } from '/work/main/src/tokenize/hf.ts';
+import { generate, generateBatch } from '/work/main/src/models/generate.ts';
+const P = '/work/shared/models/stories260K/stories260K.gguf';
+const { model, config } = await loadModel(P);
+console.log(JSON.stringify(config));
+const tok = loadTokenizer(P);
+console.log(tok.bosId, tok.eosId, [...tok.eosIds], tok.hasChatTemplate, tok.vocabSize);
+let t0 = performance.now();
+const r = generate(model, tok, tok.encode('Once upon a time'), { maxTokens: 100, temperature: 0 });
+console.log(r.text, performance.now() - t0);
+t0 = performance.now();
+const prompts = Array.from({length: 32}, (_, i) => tok.encode('Once upon a time ' + 'x'.repeat(i%5)));
+generateBatch(model, prompts, { maxTokens: 50, temperature: 0 });
+console.log('batch32x50', performance.now() - t0);
