@@ -253,8 +253,10 @@ uint64_t read_sum(const uint8_t* p, int64_t bytes);
 namespace {
 
 // out tile for rows [s, s + SX) of X and rows [l, l + LW) of W (contiguous along k).
+// With prefetch, the rows [pf, pf + LW) (the next tile's W) are requested while this tile computes: decoding
+// reads each weight once, so the hardware prefetchers alone leave the short rows of small layers waiting.
 template <int DT, int SX, int LW>
-inline void dot_tile(const Skinny& sk, int64_t s, int64_t l) {
+inline void dot_tile(const Skinny& sk, int64_t s, int64_t l, int64_t pf) {
   __m512 acc[SX][LW];
   for (int i = 0; i < SX; ++i)
     for (int u = 0; u < LW; ++u) acc[i][u] = _mm512_setzero_ps();
@@ -263,6 +265,10 @@ inline void dot_tile(const Skinny& sk, int64_t s, int64_t l) {
   const void* W = sk.W.p;
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    if (pf >= 0 && (DT == kF32 || (k & 16) == 0)) {
+      for (int u = 0; u < LW; ++u)
+        _mm_prefetch((const char*)W + ((pf + u) * wrs + k) * (DT == kF32 ? 4 : 2), _MM_HINT_T0);
+    }
     __m512 w[LW];
     for (int u = 0; u < LW; ++u) w[u] = load16<DT>(W, (l + u) * wrs + k);
     for (int i = 0; i < SX; ++i) {
@@ -288,15 +294,16 @@ inline void dot_tile(const Skinny& sk, int64_t s, int64_t l) {
   }
 }
 
+// All S rows of X against W rows [l, l + LW); the first X tile prefetches the next W rows (pf, or -1).
 template <int DT, int LW>
-void dot_rows(const Skinny& sk, int64_t l) {
+void dot_rows(const Skinny& sk, int64_t l, int64_t pf) {
   int64_t s = 0;
   constexpr int SXMAX = LW >= 8 ? 2 : 4;
-  for (; s + SXMAX <= sk.S; s += SXMAX) dot_tile<DT, SXMAX, LW>(sk, s, l);
+  for (; s + SXMAX <= sk.S; s += SXMAX, pf = -1) dot_tile<DT, SXMAX, LW>(sk, s, l, pf);
   switch (sk.S - s) {
-    case 3: dot_tile<DT, 3, LW>(sk, s, l); break;
-    case 2: dot_tile<DT, 2, LW>(sk, s, l); break;
-    case 1: dot_tile<DT, 1, LW>(sk, s, l); break;
+    case 3: dot_tile<DT, 3, LW>(sk, s, l, pf); break;
+    case 2: dot_tile<DT, 2, LW>(sk, s, l, pf); break;
+    case 1: dot_tile<DT, 1, LW>(sk, s, l, pf); break;
     default: break;
   }
 }
@@ -305,10 +312,10 @@ template <int DT>
 void skinny_dot_t(const Skinny& sk, int64_t l0, int64_t l1) {
   int64_t l = l0;
   if (sk.S <= 2) {
-    for (; l + 8 <= l1; l += 8) dot_rows<DT, 8>(sk, l);
+    for (; l + 8 <= l1; l += 8) dot_rows<DT, 8>(sk, l, l + 16 <= l1 ? l + 8 : -1);
   }
-  for (; l + 4 <= l1; l += 4) dot_rows<DT, 4>(sk, l);
-  for (; l < l1; ++l) dot_rows<DT, 1>(sk, l);
+  for (; l + 4 <= l1; l += 4) dot_rows<DT, 4>(sk, l, l + 8 <= l1 ? l + 4 : -1);
+  for (; l < l1; ++l) dot_rows<DT, 1>(sk, l, -1);
 }
 
 void skinny_dot(const Skinny& sk, int64_t l0, int64_t l1) {

@@ -11,6 +11,7 @@ import type { ActivationKernels } from './kernels/activation.ts';
 import type { AttentionKernels } from './kernels/attention.ts';
 import type { DropoutKernels } from './kernels/dropout.ts';
 import type { EmbeddingKernels } from './kernels/embedding.ts';
+import type { LoraKernels } from './kernels/lora.ts';
 import type { LossKernels } from './kernels/loss.ts';
 import type { NormKernels } from './kernels/norm.ts';
 import type { RopeKernels } from './kernels/rope.ts';
@@ -101,4 +102,5 @@ export interface Backend
     LossKernels,
     EmbeddingKernels,
     DropoutKernels,
-    OptimKernels {}
+    OptimKernels,
+    LoraKernels {}

@@ -6,6 +6,7 @@ import { jsAttentionKernels } from './js-attention.ts';
 import { jsCoreKernels } from './js-core.ts';
 import { jsDropoutKernels } from './js-dropout.ts';
 import { jsEmbeddingKernels } from './js-embedding.ts';
+import { jsLoraKernels } from './js-lora.ts';
 import { jsLossKernels } from './js-loss.ts';
 import { jsNormKernels } from './js-norm.ts';
 import { jsOptimKernels } from './js-optim.ts';
@@ -21,4 +22,5 @@ export const jsBackend: Backend = {
   ...jsEmbeddingKernels,
   ...jsDropoutKernels,
   ...jsOptimKernels,
+  ...jsLoraKernels,
 };
