@@ -308,9 +308,90 @@ void dot_rows(const Skinny& sk, int64_t l, int64_t pf) {
   }
 }
 
+// One W row against SX rows of X, 4 chunks of 16 per step: W is read as one sequential stream.
+static int64_t g_pd = getenv("LR_PD") ? atoll(getenv("LR_PD")) : 2048;
+template <int DT, int SX, bool PF>
+inline void dot_stream(const Skinny& sk, int64_t s, int64_t l) {
+  __m512 acc[SX][4];
+  for (int i = 0; i < SX; ++i)
+    for (int u = 0; u < 4; ++u) acc[i][u] = _mm512_setzero_ps();
+  const float* X = sk.X + s * sk.ldx;
+  const int64_t K = sk.K;
+  const int64_t base = l * sk.W.rs;
+  const void* W = sk.W.p;
+  int64_t k = 0;
+  constexpr int EL = DT == kF32 ? 4 : 2;
+  const char* pfp = (const char*)W + base * EL + g_pd;
+  for (; k + 64 <= K; k += 64) {
+    if (PF) {
+      for (int b = 0; b < 64 * EL; b += 64) _mm_prefetch(pfp + k * EL + b, _MM_HINT_T0);
+    }
+    __m512 w[4];
+    for (int u = 0; u < 4; ++u) w[u] = load16<DT>(W, base + k + 16 * u);
+    for (int i = 0; i < SX; ++i)
+      for (int u = 0; u < 4; ++u) acc[i][u] = _mm512_fmadd_ps(_mm512_load_ps(X + i * sk.ldx + k + 16 * u), w[u], acc[i][u]);
+  }
+  for (; k < K; k += 16) {
+    const __m512 w = load16m<DT>(W, base + k, lanes(K - k));
+    for (int i = 0; i < SX; ++i) acc[i][0] = _mm512_fmadd_ps(_mm512_load_ps(X + i * sk.ldx + k), w, acc[i][0]);
+  }
+  for (int i = 0; i < SX; ++i) {
+    float* o = sk.O + (s + i) * sk.ors + l * sk.ocs;
+    const __m512 t = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+    const float d = sk.alpha * _mm512_reduce_add_ps(t);
+    *o = sk.beta == 0.0f ? d : d + sk.beta * *o;
+  }
+}
+
+static int g_pfmode = 1;
 template <int DT>
 void skinny_dot_t(const Skinny& sk, int64_t l0, int64_t l1) {
+  g_pfmode = getenv("LR_PF") ? atoi(getenv("LR_PF")) : 1;
+  g_pd = getenv("LR_PD") ? atoll(getenv("LR_PD")) : 2048;
   int64_t l = l0;
+  if (g_pfmode == 0) {
+    if (sk.S <= 2) for (; l + 8 <= l1; l += 8) dot_rows<DT, 8>(sk, l, -1);
+    for (; l + 4 <= l1; l += 4) dot_rows<DT, 4>(sk, l, -1);
+    for (; l < l1; ++l) dot_rows<DT, 1>(sk, l, -1);
+    return;
+  }
+  if (g_pfmode == 2) {
+    if (sk.S <= 2) for (; l + 8 <= l1; l += 8) dot_rows<DT, 8>(sk, l, l + 24 <= l1 ? l + 16 : -1);
+    for (; l + 4 <= l1; l += 4) dot_rows<DT, 4>(sk, l, l + 12 <= l1 ? l + 8 : -1);
+    for (; l < l1; ++l) dot_rows<DT, 1>(sk, l, -1);
+    return;
+  }
+  if (g_pfmode == 4) {
+    for (; l < l1; ++l) {
+      int64_t s = 0;
+      for (; s + 4 <= sk.S; s += 4) dot_stream<DT, 4, false>(sk, s, l);
+      switch (sk.S - s) {
+        case 3: dot_stream<DT, 3, false>(sk, s, l); break;
+        case 2: dot_stream<DT, 2, false>(sk, s, l); break;
+        case 1: dot_stream<DT, 1, false>(sk, s, l); break;
+        default: break;
+      }
+    }
+    return;
+  }
+  if (g_pfmode == 5) {
+    for (; l < l1; ++l) {
+      int64_t s = 0;
+      for (; s + 4 <= sk.S; s += 4) dot_stream<DT, 4, true>(sk, s, l);
+      switch (sk.S - s) {
+        case 3: dot_stream<DT, 3, true>(sk, s, l); break;
+        case 2: dot_stream<DT, 2, true>(sk, s, l); break;
+        case 1: dot_stream<DT, 1, true>(sk, s, l); break;
+        default: break;
+      }
+    }
+    return;
+  }
+  if (g_pfmode == 3) {
+    for (; l + 4 <= l1; l += 4) dot_rows<DT, 4>(sk, l, l + 8 <= l1 ? l + 4 : -1);
+    for (; l < l1; ++l) dot_rows<DT, 1>(sk, l, -1);
+    return;
+  }
   if (sk.S <= 2) {
     for (; l + 8 <= l1; l += 8) dot_rows<DT, 8>(sk, l, l + 16 <= l1 ? l + 8 : -1);
   }

@@ -14,6 +14,7 @@ import type { EmbeddingKernels } from './kernels/embedding.ts';
 import type { LoraKernels } from './kernels/lora.ts';
 import type { LossKernels } from './kernels/loss.ts';
 import type { NormKernels } from './kernels/norm.ts';
+import type { QuantKernels } from './kernels/quant.ts';
 import type { RopeKernels } from './kernels/rope.ts';
 
 /** Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C, repeated `batch` times with the given strides. */
@@ -103,4 +104,5 @@ export interface Backend
     EmbeddingKernels,
     DropoutKernels,
     OptimKernels,
-    LoraKernels {}
+    LoraKernels,
+    QuantKernels {}

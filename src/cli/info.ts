@@ -24,7 +24,7 @@ export function describeConfig(c: ModelConfig): string[] {
     `parameters: ${(paramCount(c) / 1e6).toFixed(2)}M`,
     `layers: ${c.num_hidden_layers}, hidden: ${c.hidden_size}, intermediate: ${c.intermediate_size}`,
     `heads: ${c.num_attention_heads} (kv ${c.num_key_value_heads}), head_dim: ${c.head_dim}`,
-    `vocab: ${c.vocab_size}, context: ${c.max_position_embeddings}, rope_theta: ${c.rope_theta}${c.rope_scaling ? `, rope_scaling: ${c.rope_scaling.rope_type} x${c.rope_scaling.factor}` : ''}`,
+    `vocab: ${c.vocab_size}, context: ${c.max_position_embeddings}, rope_theta: ${c.rope_theta}${c.rope.scaling ? `, rope_scaling: ${c.rope.scaling.type} x${c.rope.scaling.factor}` : ''}`,
     `tied embeddings: ${c.tie_word_embeddings}`,
   ];
 }

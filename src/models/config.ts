@@ -2,16 +2,9 @@
 // and the presets of ../shared/anchors.md used for tests and benchmarks.
 
 import { ConfigError } from '../core/errors.ts';
+import { type RopeConfig, ropeConfigFromHF } from '../ops/rope.ts';
 
 export type Architecture = 'llama' | 'mistral' | 'qwen2' | 'qwen3';
-
-export interface RopeScaling {
-  rope_type: 'linear' | 'llama3' | 'default';
-  factor: number;
-  low_freq_factor?: number;
-  high_freq_factor?: number;
-  original_max_position_embeddings?: number;
-}
 
 export interface ModelConfig {
   architecture: Architecture;
@@ -24,9 +17,12 @@ export interface ModelConfig {
   head_dim: number;
   rms_norm_eps: number;
   rope_theta: number;
-  rope_scaling: RopeScaling | null;
+  /** rope_scaling as config.json has it (kept for writing it back), null when plain RoPE. */
+  rope_scaling: Record<string, unknown> | null;
   /** Rotary dims per head (head_dim unless partial_rotary_factor < 1). */
   rotary_dim: number;
+  /** The rotary settings as the rope op takes them (theta, head and rotary dims, scaling). */
+  rope: RopeConfig;
   max_position_embeddings: number;
   tie_word_embeddings: boolean;
   /** q/k/v projections have biases (qwen2). */
@@ -65,23 +61,6 @@ function posInt(src: string, obj: Record<string, unknown>, key: string, fallback
   return v;
 }
 
-function parseRopeScaling(src: string, rs: unknown): RopeScaling | null {
-  if (rs === null || rs === undefined) return null;
-  if (typeof rs !== 'object') throw new ConfigError(`${src}: rope_scaling must be an object or null`);
-  const o = rs as Record<string, unknown>;
-  const type = (o.rope_type ?? o.type) as string | undefined;
-  if (type === 'default' || type === undefined) return null;
-  if (type !== 'linear' && type !== 'llama3')
-    throw new ConfigError(`${src}: rope_scaling type '${type}' is not supported (supported: linear, llama3)`);
-  const out: RopeScaling = { rope_type: type, factor: num(src, o, 'factor') };
-  if (type === 'llama3') {
-    out.low_freq_factor = num(src, o, 'low_freq_factor');
-    out.high_freq_factor = num(src, o, 'high_freq_factor');
-    out.original_max_position_embeddings = posInt(src, o, 'original_max_position_embeddings');
-  }
-  return out;
-}
-
 /** Parses a Hugging Face config.json object. `src` names the file for error messages. */
 export function configFromHF(json: Record<string, unknown>, src = 'config.json'): ModelConfig {
   const mt = json.model_type;
@@ -96,7 +75,7 @@ export function configFromHF(json: Record<string, unknown>, src = 'config.json')
   if (heads % kv !== 0)
     throw new ConfigError(`${src}: num_attention_heads (${heads}) must be a multiple of num_key_value_heads (${kv})`);
   const headDim = posInt(src, json, 'head_dim', Math.floor(hidden / heads));
-  const partial = num(src, json, 'partial_rotary_factor', 1);
+  const rope = ropeConfigFromHF({ ...json, head_dim: headDim });
   const act = (json.hidden_act ?? 'silu') as string;
   if (act !== 'silu' && act !== 'gelu' && act !== 'gelu_pytorch_tanh')
     throw new ConfigError(`${src}: hidden_act '${act}' is not supported (silu, gelu, gelu_pytorch_tanh)`);
@@ -111,9 +90,10 @@ export function configFromHF(json: Record<string, unknown>, src = 'config.json')
     num_key_value_heads: kv,
     head_dim: headDim,
     rms_norm_eps: num(src, json, 'rms_norm_eps', 1e-6),
-    rope_theta: num(src, json, 'rope_theta', 10000),
-    rope_scaling: parseRopeScaling(src, json.rope_scaling),
-    rotary_dim: Math.floor(headDim * partial),
+    rope_theta: rope.theta,
+    rope_scaling: rope.scaling ? (json.rope_scaling as Record<string, unknown>) : null,
+    rotary_dim: rope.rotaryDim ?? headDim,
+    rope,
     max_position_embeddings: posInt(src, json, 'max_position_embeddings', 2048),
     tie_word_embeddings: json.tie_word_embeddings === true,
     attention_bias: json.attention_bias === true || architecture === 'qwen2',
@@ -190,8 +170,15 @@ export function configFromGguf(meta: Record<string, unknown>, src = 'model.gguf'
   const tokens = meta['tokenizer.ggml.tokens'];
   const vocab = g('vocab_size', Array.isArray(tokens) ? tokens.length : undefined);
   const scalingType = meta[k('rope.scaling.type')];
-  let rope_scaling: RopeScaling | null = null;
-  if (scalingType === 'linear') rope_scaling = { rope_type: 'linear', factor: g('rope.scaling.factor') };
+  const factor = scalingType === 'linear' ? g('rope.scaling.factor') : 0;
+  const rope_scaling = scalingType === 'linear' ? { rope_type: 'linear', factor } : null;
+  const rotary = g('rope.dimension_count', headDim);
+  const rope: RopeConfig = {
+    theta: g('rope.freq_base', 10000),
+    headDim,
+    rotaryDim: rotary,
+    scaling: scalingType === 'linear' ? { type: 'linear', factor } : null,
+  };
   const ctx = g('context_length', 2048);
   const eos = meta['tokenizer.ggml.eos_token_id'];
   const bos = meta['tokenizer.ggml.bos_token_id'];
@@ -205,9 +192,10 @@ export function configFromGguf(meta: Record<string, unknown>, src = 'model.gguf'
     num_key_value_heads: kv,
     head_dim: headDim,
     rms_norm_eps: g('attention.layer_norm_rms_epsilon', 1e-5),
-    rope_theta: g('rope.freq_base', 10000),
+    rope_theta: rope.theta,
     rope_scaling,
-    rotary_dim: g('rope.dimension_count', headDim),
+    rotary_dim: rotary,
+    rope,
     max_position_embeddings: ctx,
     tie_word_embeddings: false, // decided by the loader: true when output.weight is absent
     attention_bias: a === 'qwen2',

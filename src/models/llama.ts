@@ -13,32 +13,10 @@ import { attention } from '../ops/attention.ts';
 import { add, mul } from '../ops/elementwise.ts';
 import { crossEntropy } from '../ops/loss.ts';
 import { linear } from '../ops/matmul.ts';
-import { type RopeConfig, rope, ropeInvFreq } from '../ops/rope.ts';
+import { rope, ropeInvFreq } from '../ops/rope.ts';
 import { reshape } from '../ops/shape.ts';
 import type { ModelConfig } from './config.ts';
 import type { KVCache } from './kv-cache.ts';
-
-/** The rotary settings of a model config. */
-export function ropeConfig(c: ModelConfig): RopeConfig {
-  const s = c.rope_scaling;
-  return {
-    theta: c.rope_theta,
-    headDim: c.head_dim,
-    rotaryDim: c.rotary_dim,
-    scaling:
-      s?.rope_type === 'linear'
-        ? { type: 'linear', factor: s.factor }
-        : s?.rope_type === 'llama3'
-          ? {
-              type: 'llama3',
-              factor: s.factor,
-              lowFreqFactor: s.low_freq_factor!,
-              highFreqFactor: s.high_freq_factor!,
-              originalMaxPositionEmbeddings: s.original_max_position_embeddings!,
-            }
-          : null,
-  };
-}
 
 /** A callable layer: Linear or an adapter wrapping it (LoRA). */
 export interface LinearLike extends Module {
@@ -180,7 +158,7 @@ export class LlamaForCausalLM extends Module {
         'lm_head',
         new Linear(config.hidden_size, config.vocab_size, { dtype: o.dtype, rng: o.rng, empty: o.empty }),
       );
-    this.invFreq = keep(ropeInvFreq(ropeConfig(config)));
+    this.invFreq = keep(ropeInvFreq(config.rope));
   }
 
   get inner(): LlamaModel {

@@ -10,6 +10,7 @@ import { jsLoraKernels } from './js-lora.ts';
 import { jsLossKernels } from './js-loss.ts';
 import { jsNormKernels } from './js-norm.ts';
 import { jsOptimKernels } from './js-optim.ts';
+import { jsQuantKernels } from './js-quant.ts';
 import { jsRopeKernels } from './js-rope.ts';
 
 export const jsBackend: Backend = {
@@ -22,5 +23,6 @@ export const jsBackend: Backend = {
   ...jsEmbeddingKernels,
   ...jsDropoutKernels,
   ...jsOptimKernels,
+  ...jsQuantKernels,
   ...jsLoraKernels,
 };

@@ -5,8 +5,8 @@
 // Storage (bitsandbytes' layout, see src/quant/blockwise4.ts): the [rows, cols] weight is flattened row-major
 // and cut into blocks of `blocksize` consecutive elements (a block may straddle two rows when cols is not a
 // multiple of blocksize); element i is the nibble (i even: high, i odd: low) of packed[i >> 1], and its
-// value is code[nibble] * absmax[i / blocksize] in f32, where code is bitsandbytes' built-in table for the
-// quant type. With double quantization absmax[b] = nestedCode[absmax8[b]] * nestedAbsmax[b / nestedBlocksize]
+// value is code[nibble] * absmax[i / blocksize] in f32, where code is the 16-value table (bitsandbytes'
+// built-in NF4 or FP4 table, passed as a tensor so that kernels need no knowledge of the formats). With double quantization absmax[b] = nestedCode[absmax8[b]] * nestedAbsmax[b / nestedBlocksize]
 // + offset (each product and sum rounded to f32).
 
 import type { Tensor } from '../../core/tensor.ts';
@@ -18,6 +18,8 @@ export interface Weight4bit {
   /** Input features. */
   readonly cols: number;
   readonly quantType: 'nf4' | 'fp4';
+  /** f32 [16]: the value of each 4-bit code (NF4_CODE or FP4_CODE). */
+  readonly code: Tensor;
   /** Elements per absmax block (32..4096, a power of two). */
   readonly blocksize: number;
   /** u8, ceil(rows*cols/2) bytes (any shape; bitsandbytes uses [n/2, 1]). */

@@ -1,0 +1,202 @@
+// The serving engine's KV cache. Each running sequence owns its own cache (per layer K and V of
+// [1, capacity, Hkv, D], capacity = prompt + max_tokens, reserved when the sequence is admitted), so
+// sequences join and leave a batch at any step and memory is accounted in exact tokens.
+//
+// A batched forward sees the sequences through a BatchKV: the model's attention calls append(layer, k, v)
+// once per layer. append writes each row's new keys and values into that row's own cache and returns K/V
+// for the attention op. One row gets a zero-copy view of its cache. Several rows are gathered into a
+// scratch buffer, right-aligned (row r's keys occupy the last past_r + new_r of Tk positions, the rest is
+// masked): queries are the last T positions of every row, so the attention op's causal offset (query i sits
+// at Tk - T + i) holds for every row, prefill chunks included. The scratch is reused by every layer (layer l's
+// attention is done before layer l + 1 appends) and across steps, so a step allocates no cache memory.
+
+import { getBackend } from '../backend/index.ts';
+import { ShapeError } from '../core/errors.ts';
+import { keep } from '../core/scope.ts';
+import type { Tensor } from '../core/tensor.ts';
+import type { ModelConfig } from '../models/config.ts';
+import type { KVCache } from '../models/kv-cache.ts';
+import { empty, intTensor } from '../ops/create.ts';
+
+/** Bytes of K and V per token (f32, every layer). */
+export function kvBytesPerToken(cfg: ModelConfig): number {
+  return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
+}
+
+/** One sequence's cache. */
+export class SeqKV {
+  readonly k: Tensor[] = [];
+  readonly v: Tensor[] = [];
+  /** Positions filled. */
+  length = 0;
+
+  constructor(
+    cfg: ModelConfig,
+    readonly capacity: number,
+  ) {
+    const shape = [1, capacity, cfg.num_key_value_heads, cfg.head_dim];
+    for (let l = 0; l < cfg.num_hidden_layers; l++) {
+      this.k.push(keep(empty(shape)));
+      this.v.push(keep(empty(shape)));
+    }
+  }
+
+  get bytes(): number {
+    return this.k.reduce((s, t) => s + t.size * 4, 0) * 2;
+  }
+
+  dispose(): void {
+    for (const t of [...this.k, ...this.v]) t.dispose();
+    this.k.length = 0;
+    this.v.length = 0;
+  }
+}
+
+/** A row of a batched forward: its cache, and how many new positions this forward adds. */
+export interface BatchRow {
+  kv: SeqKV;
+  add: number;
+}
+
+/** Reusable gather buffers (grown on demand), shared by every forward of an engine. */
+export class KvScratch {
+  private k: Tensor | null = null;
+  private v: Tensor | null = null;
+
+  constructor(private readonly cfg: ModelConfig) {}
+
+  /** K and V views [B, Tk, Hkv, D] over buffers at least that large. */
+  views(B: number, Tk: number): { k: Tensor; v: Tensor } {
+    const cur = this.k;
+    if (!cur || cur.shape[0]! < B || cur.shape[1]! < Tk) {
+      const b = Math.max(B, cur?.shape[0] ?? 0);
+      // grow the time axis geometrically: decoding adds one position per step
+      const t = Math.max(Tk, Math.ceil((cur?.shape[1] ?? 0) * 1.5), 64);
+      this.dispose();
+      const shape = [b, t, this.cfg.num_key_value_heads, this.cfg.head_dim];
+      this.k = keep(empty(shape));
+      this.v = keep(empty(shape));
+    }
+    const K = this.k!;
+    const V = this.v!;
+    const shape = [B, Tk, K.shape[2]!, K.shape[3]!];
+    return { k: K.view(shape, K.strides, 0), v: V.view(shape, V.strides, 0) };
+  }
+
+  get bytes(): number {
+    return this.k ? this.k.size * 8 : 0;
+  }
+
+  dispose(): void {
+    this.k?.dispose();
+    this.v?.dispose();
+    this.k = null;
+    this.v = null;
+  }
+}
+
+/**
+ * The cache seen by one batched forward of rows [B] with T query positions each (row r's add_r new tokens
+ * are its last add_r positions; the first T - add_r are padding). Implements the KVCache surface the model
+ * uses (append); lengths advance when the forward is done (commit).
+ */
+export class BatchKV implements KVCache {
+  readonly k: Tensor[] = [];
+  readonly v: Tensor[] = [];
+  readonly batch: number;
+  readonly capacity: number;
+  length = 0;
+  /** Keys per row after this forward, and the attended length Tk = max over rows. */
+  readonly totals: number[];
+  readonly Tk: number;
+
+  constructor(
+    readonly rows: readonly BatchRow[],
+    readonly T: number,
+    private readonly scratch: KvScratch,
+  ) {
+    this.batch = rows.length;
+    this.totals = rows.map((r) => {
+      if (r.add < 1 || r.add > T) throw new ShapeError(`BatchKV: a row adds ${r.add} positions, T is ${T}`);
+      const total = r.kv.length + r.add;
+      if (total > r.kv.capacity)
+        throw new ShapeError(`BatchKV: ${total} positions exceed the sequence's reserved ${r.kv.capacity}`);
+      return total;
+    });
+    this.Tk = Math.max(...this.totals);
+    this.capacity = this.Tk;
+  }
+
+  /** The key padding mask [B, Tk] (1 = attend), or null when every row fills Tk. */
+  keyMask(): Tensor | null {
+    if (this.totals.every((t) => t === this.Tk)) return null;
+    const m = new Int32Array(this.batch * this.Tk);
+    this.totals.forEach((t, r) => {
+      m.fill(1, r * this.Tk + this.Tk - t, (r + 1) * this.Tk);
+    });
+    return intTensor(m, [this.batch, this.Tk]);
+  }
+
+  /** Absolute positions [B, T] of the queries (0 for padding). */
+  positions(): Tensor {
+    const p = new Int32Array(this.batch * this.T);
+    this.rows.forEach((r, b) => {
+      for (let j = 0; j < r.add; j++) p[b * this.T + this.T - r.add + j] = r.kv.length + j;
+    });
+    return intTensor(p, [this.batch, this.T]);
+  }
+
+  append(l: number, k: Tensor, v: Tensor): { k: Tensor; v: Tensor } {
+    const be = getBackend();
+    const [B, T, H, D] = k.shape as [number, number, number, number];
+    if (B !== this.batch || T !== this.T) throw new ShapeError(`BatchKV: got k [${B}, ${T}], expected [${this.batch}, ${this.T}]`);
+    this.rows.forEach((r, b) => {
+      const past = r.kv.length;
+      for (const [src, cache] of [
+        [k, r.kv.k[l]!],
+        [v, r.kv.v[l]!],
+      ] as const) {
+        const from = src.view([1, r.add, H, D], src.strides, src.offset + b * src.strides[0]! + (T - r.add) * src.strides[1]!);
+        const to = cache.view([1, r.add, H, D], cache.strides, past * cache.strides[1]!);
+        be.copy(from, to);
+        from.dispose();
+        to.dispose();
+      }
+    });
+    if (this.batch === 1) {
+      const r = this.rows[0]!;
+      const n = this.totals[0]!;
+      const K = r.kv.k[l]!;
+      const V = r.kv.v[l]!;
+      return { k: K.view([1, n, H, D], K.strides, 0), v: V.view([1, n, H, D], V.strides, 0) };
+    }
+    const out = this.scratch.views(this.batch, this.Tk);
+    this.rows.forEach((r, b) => {
+      const n = this.totals[b]!;
+      for (const [cache, dst] of [
+        [r.kv.k[l]!, out.k],
+        [r.kv.v[l]!, out.v],
+      ] as const) {
+        const from = cache.view([1, n, H, D], cache.strides, 0);
+        const to = dst.view([1, n, H, D], dst.strides, b * dst.strides[0]! + (this.Tk - n) * dst.strides[1]!);
+        be.copy(from, to);
+        from.dispose();
+        to.dispose();
+      }
+    });
+    return out;
+  }
+
+  /** Advances every row's length once the forward has run. */
+  commit(): void {
+    this.rows.forEach((r, b) => {
+      r.kv.length = this.totals[b]!;
+    });
+  }
+
+  get bytes(): number {
+    return 0;
+  }
+
+  dispose(): void {}
+}
