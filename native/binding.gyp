@@ -1,9 +1,11 @@
 # lowrank_native: the CPU kernels. Each ISA's kernels are a static library compiled with only that ISA's flags
 # (never -march=native: the build machine need not be the machine that runs it); addon.cc picks one at load
-# time from what the CPU reports.
+# time from what the CPU reports (LOWRANK_ISA or setIsa() can force a narrower one).
 {
   'variables': {
     'lowrank_cflags': ['-O3', '-fPIC', '-fvisibility=hidden', '-fno-math-errno', '-Wno-unknown-pragmas'],
+    'lowrank_avx2_flags': ['-mavx2', '-mfma', '-mf16c'],
+    'lowrank_avx512_flags': ['-mavx512f', '-mavx512bw', '-mavx512vl', '-mfma', '-mf16c'],
   },
   'target_defaults': {
     'cflags!': ['-O2', '-fno-exceptions'],
@@ -24,46 +26,40 @@
       'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)']},
     },
     {
-      'target_name': 'lowrank_avx2',
-      'type': 'static_library',
-      'conditions': [
-        ['target_arch=="x64"', {
-          'sources': ['gemm_avx2.cc'],
-          'cflags': ['<@(lowrank_cflags)', '-mavx2', '-mfma', '-mf16c'],
-          'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)', '-mavx2', '-mfma', '-mf16c']},
-        }],
-      ],
-    },
-    {
-      'target_name': 'lowrank_avx512',
-      'type': 'static_library',
-      'conditions': [
-        ['target_arch=="x64"', {
-          'sources': ['gemm_avx512.cc'],
-          'cflags': ['<@(lowrank_cflags)', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mfma', '-mf16c',
-                     # GCC 12's own headers trip these (_mm512_undefined_ps is a self-initialised variable)
-                     '-Wno-uninitialized', '-Wno-maybe-uninitialized'],
-          'xcode_settings': {
-            'OTHER_CFLAGS': ['<@(lowrank_cflags)', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mfma', '-mf16c'],
-          },
-        }],
-      ],
-    },
-    {
       'target_name': 'lowrank_native',
       'sources': ['addon.cc'],
       'dependencies': [
         "<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except",
         'lowrank_generic',
-        'lowrank_avx2',
-        'lowrank_avx512',
       ],
       'cflags': ['-O3', '-fvisibility=hidden', '-Wno-unknown-pragmas'],
       'cflags_cc': ['-fexceptions'],
       'xcode_settings': {'GCC_ENABLE_CPP_EXCEPTIONS': 'YES'},
       'conditions': [
         ['OS=="linux"', {'libraries': ['-fopenmp']}],
+        ['target_arch=="x64"', {'dependencies': ['lowrank_avx2', 'lowrank_avx512']}],
       ],
     },
+  ],
+  'conditions': [
+    ['target_arch=="x64"', {
+      'targets': [
+        {
+          'target_name': 'lowrank_avx2',
+          'type': 'static_library',
+          'sources': ['gemm_avx2.cc'],
+          'cflags': ['<@(lowrank_cflags)', '<@(lowrank_avx2_flags)'],
+          'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)', '<@(lowrank_avx2_flags)']},
+        },
+        {
+          'target_name': 'lowrank_avx512',
+          'type': 'static_library',
+          'sources': ['gemm_avx512.cc'],
+          # GCC 12's own headers trip the uninitialized warnings (_mm512_undefined_ps is self-initialised).
+          'cflags': ['<@(lowrank_cflags)', '<@(lowrank_avx512_flags)', '-Wno-uninitialized', '-Wno-maybe-uninitialized'],
+          'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)', '<@(lowrank_avx512_flags)']},
+        },
+      ],
+    }],
   ],
 }

@@ -19,7 +19,7 @@ namespace generic {
 namespace {
 
 constexpr int MR = 4;
-constexpr int NR = 16;
+constexpr int NR = 8;
 int64_t g_kc = 256, g_mb = 4 * 96, g_nb = 512;
 
 template <int DT>
@@ -46,20 +46,25 @@ void pack_b(const Operand& B, int64_t k0, int64_t kc, int64_t j0, int64_t nb, fl
   else pack_b_t<kF16>(B, k0, kc, j0, nb, Bp);
 }
 
+// The accumulators never have their address taken inside the loop, so the compiler keeps them in vector
+// registers (4 x 8 floats = 8 SSE or NEON registers).
 void ukr(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c, int64_t ldc, int mr,
          int nr, float alpha, float beta) {
-  float acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = 0.0f;
+  float acc[MR][NR] = {};
   for (int64_t k = 0; k < kc; ++k) {
+#pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
       const float av = a[i];
+#pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) acc[i][j] += av * b[j];
     }
     a += MR;
     b += NR;
   }
-  store_tile_scalar(&acc[0][0], NR, c, ldc, mr, nr, alpha, beta);
+  float t[MR * NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) t[i * NR + j] = acc[i][j];
+  store_tile_scalar(t, NR, c, ldc, mr, nr, alpha, beta);
 }
 
 struct Skinny;

@@ -4,7 +4,6 @@
 // back to the reference for the rest; a CUDA backend implements the same interface.
 
 import type { DType } from '../core/dtype.ts';
-import type { OptimKernels } from './kernels/optim.ts';
 import type { Device, Storage } from '../core/storage.ts';
 import type { Tensor } from '../core/tensor.ts';
 import type { ActivationKernels } from './kernels/activation.ts';
@@ -14,6 +13,7 @@ import type { EmbeddingKernels } from './kernels/embedding.ts';
 import type { LoraKernels } from './kernels/lora.ts';
 import type { LossKernels } from './kernels/loss.ts';
 import type { NormKernels } from './kernels/norm.ts';
+import type { OptimKernels } from './kernels/optim.ts';
 import type { QuantKernels } from './kernels/quant.ts';
 import type { RopeKernels } from './kernels/rope.ts';
 

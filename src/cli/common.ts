@@ -15,7 +15,7 @@ export async function loadModelAndTokenizer(
   dtype: DType | 'auto' = 'auto',
 ): Promise<ModelAndTokenizer> {
   const path = await resolveModelPath(source);
-  const loaded = await loadModel(path, { dtype });
+  const loaded = await loadModel(path, { dtype, onProgress: loadProgress() });
   return { ...loaded, tokenizer: loadTokenizer(path) };
 }
 
@@ -40,4 +40,13 @@ export function parseDtype(v: string | undefined): DType | 'auto' {
   if (v === undefined || v === 'auto') return 'auto';
   if (v === 'f32' || v === 'bf16' || v === 'f16') return v;
   throw new ConfigError(`--dtype must be auto, f32, bf16 or f16, got '${v}'`);
+}
+
+/** A loading progress line on a terminal (nothing when stderr is not a TTY). */
+export function loadProgress(): ((done: number, total: number, name: string) => void) | undefined {
+  if (!process.stderr.isTTY) return undefined;
+  return (done, total, name) => {
+    process.stderr.write(`\rloading ${done}/${total} ${name.slice(0, 60)}\x1b[K`);
+    if (done === total) process.stderr.write('\r\x1b[K');
+  };
 }

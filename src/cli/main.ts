@@ -3,9 +3,13 @@
 
 import { Command } from 'commander';
 import { LowrankError } from '../core/errors.ts';
+import { registerEstimate } from './estimate.ts';
 import { registerGenerate } from './generate.ts';
 import { registerInfo } from './info.ts';
 import { registerInitModel } from './init-model.ts';
+import { registerMerge } from './merge.ts';
+import { registerQuantize } from './quantize.ts';
+import { registerServe } from './serve.ts';
 import { registerTokenize } from './tokenize.ts';
 import { registerTrain } from './train.ts';
 
@@ -20,7 +24,11 @@ export function buildProgram(): Command {
   registerTokenize(program);
   registerGenerate(program);
   registerInitModel(program);
+  registerMerge(program);
+  registerQuantize(program);
+  registerEstimate(program);
   registerTrain(program);
+  registerServe(program);
   return program;
 }
 

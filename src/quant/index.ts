@@ -6,4 +6,8 @@ export * from './blockwise8.ts';
 export * from './bnb-serialize.ts';
 export * from './codebooks.ts';
 export * from './int8.ts';
+export * from './linear4bit.ts';
+export * from './load.ts';
+export * from './merge.ts';
 export * from './pyjson.ts';
+export * from './save.ts';

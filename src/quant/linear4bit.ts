@@ -318,21 +318,23 @@ export const DEFAULT_SKIP_MODULES: readonly string[] = ['lm_head'];
 
 /** Whether module `name` is kept unquantized under `skip` (exact name, or a dotted component path of it). */
 export function isSkippedModule(name: string, skip: readonly string[]): boolean {
-  return skip.some(
-    (k) => name === k || name.endsWith(`.${k}`) || name.startsWith(`${k}.`) || name.includes(`.${k}.`),
-  );
+  return skip.some((k) => name === k || name.endsWith(`.${k}`) || name.startsWith(`${k}.`) || name.includes(`.${k}.`));
 }
 
 /**
- * Replaces every Linear of the model (not under skipModules) by a Linear4bit, freeing each full-precision
- * weight as soon as it is quantized. Returns the names of the quantized modules.
+ * Replaces every frozen Linear of the model (not under skipModules, not a LoRA lora_A / lora_B) by a
+ * Linear4bit, freeing each full-precision weight as soon as it is quantized. A Linear wrapped by an adapter
+ * layer (e.g. "...q_proj.base_layer") is replaced in place. Returns the names of the quantized modules.
  */
 export function quantizeModel(model: Module, opts: QuantizeModelOptions = {}): string[] {
   checkBlocksize4bit(opts.blocksize ?? 64);
   const skip = opts.skipModules ?? DEFAULT_SKIP_MODULES;
   const targets: [string, Linear][] = [];
   for (const [name, m] of model.namedModules()) {
-    if (name && m instanceof Linear && !isSkippedModule(name, skip)) targets.push([name, m]);
+    // Adapter matrices (trainable, or PEFT's lora_A / lora_B) are never quantized.
+    if (!name || !(m instanceof Linear) || isSkippedModule(name, skip)) continue;
+    if (m.weight.requiresGrad || /(^|\.)lora_[A-Za-z_]+(\.|$)/.test(name)) continue;
+    targets.push([name, m]);
   }
   for (const [name, lin] of targets) {
     const q = Linear4bit.fromLinear(lin, opts);

@@ -11,8 +11,7 @@ import { ConfigError, ShapeError } from '../core/errors.ts';
 import type { Tensor } from '../core/tensor.ts';
 import { Linear } from '../nn/layers.ts';
 import { empty } from '../ops/create.ts';
-import { quantize4bit } from './blockwise4.ts';
-import { isDoubleQuant } from './blockwise4.ts';
+import { isDoubleQuant, quantize4bit } from './blockwise4.ts';
 import type { Linear4bit } from './linear4bit.ts';
 
 export const REQUANTIZE_WARNING =

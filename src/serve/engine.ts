@@ -327,7 +327,7 @@ export class Engine {
           positions: cache.positions(),
           keyMask: cache.keyMask(),
           cache,
-          adapterRows: this.adapters && leases.some((l) => l) ? this.adapters.rows(leases) : undefined,
+          adapterRows: this.adapters ? this.adapters.rows(leases) : undefined,
         });
         cache.commit();
         const last = T === 1 ? h : slice(h, 1, T - 1, T);

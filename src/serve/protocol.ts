@@ -22,8 +22,8 @@ export type ToWorker =
   | { t: 'cancel'; id: string }
   /** Reads and checks an adapter (into the host cache); replies with its info or an error. */
   | { t: 'adapter-load'; rid: number; name: string; version: number; path: string }
-  /** Forgets every cached version of an adapter (as soon as no running request uses it). */
-  | { t: 'adapter-drop'; name: string }
+  /** Forgets the cached versions of an adapter but `keep` (each as soon as no running request uses it). */
+  | { t: 'adapter-drop'; name: string; keep?: number }
   | { t: 'stats'; rid: number }
   | { t: 'exit' };
 

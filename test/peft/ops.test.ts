@@ -10,9 +10,9 @@ import { dropout } from '../../src/ops/dropout.ts';
 import { add, mul, scale } from '../../src/ops/elementwise.ts';
 import { linear, matmul } from '../../src/ops/matmul.ts';
 import { sum } from '../../src/ops/reduce.ts';
-import { cast, transpose } from '../../src/ops/shape.ts';
+import { cast, slice, transpose } from '../../src/ops/shape.ts';
 import { backward, noGrad } from '../../src/ops/tape.ts';
-import { addRowsAt, doraLinear, doraWeightNorm, loraLinear } from '../../src/peft/lora/ops.ts';
+import { addRowsAt, doraLinear, doraWeightNorm, loraLinear, loraMixedRows } from '../../src/peft/lora/ops.ts';
 import { gradcheck, randomTensor } from '../helpers/gradcheck.ts';
 
 const rng = new Rng(11);
@@ -32,9 +32,7 @@ test('loraLinear forward equals x W^T + b + s (x A^T) B^T', () => {
   const B = R([4, 2], 1, false);
   const lb = R([4], 1, false);
   const got = loraLinear(x, w, b, A, B, 0.7, { loraBias: lb }).toF32();
-  const want = noGrad(() =>
-    add(add(linear(x, w, b), scale(linear(linear(x, A), B), 0.7)), scale(lb, 0.7)).toF32(),
-  );
+  const want = noGrad(() => add(add(linear(x, w, b), scale(linear(linear(x, A), B), 0.7)), scale(lb, 0.7)).toF32());
   close(got, want, 1e-5, 'loraLinear');
   // W in bf16 is read in place
   const wb = cast(w, 'bf16');
@@ -76,7 +74,13 @@ test('loraLinear backward matches finite differences (x, A, B, biases; separate 
 
 test('the frozen base weight gets no gradient product: no gemm produces a [out, in] result, W.grad stays null', () => {
   const calls: GemmArgs[] = [];
-  const counting = { ...jsBackend, gemm: (p: GemmArgs) => (calls.push(p), jsBackend.gemm(p)) };
+  const counting = {
+    ...jsBackend,
+    gemm: (p: GemmArgs) => {
+      calls.push(p);
+      jsBackend.gemm(p);
+    },
+  };
   const prev = getBackend();
   setBackend(counting);
   try {
@@ -130,7 +134,13 @@ function doraRef(x: Tensor, w: Tensor, bias: Tensor | null, A: Tensor, B: Tensor
     }
     return tensor(n, [o]);
   });
-  const k = mul(m, tensor(Array.from(norm.toF32(), (v) => 1 / v), [m.shape[0]!]));
+  const k = mul(
+    m,
+    tensor(
+      Array.from(norm.toF32(), (v) => 1 / v),
+      [m.shape[0]!],
+    ),
+  );
   const p = add(linear(x, w), scale(linear(linear(x, A), B), s));
   const y = mul(p, k);
   return bias ? add(y, bias) : y;
@@ -143,7 +153,12 @@ test('doraLinear matches the composed DoRA formula and finite differences', () =
   const A = R([2, 6], 1, false);
   const B = R([5, 2], 1, false);
   const m = R([5], 1, false);
-  close(doraLinear(x, w, bias, A, B, m, 0.9).toF32(), noGrad(() => doraRef(x, w, bias, A, B, m, 0.9).toF32()), 1e-5, 'dora');
+  close(
+    doraLinear(x, w, bias, A, B, m, 0.9).toF32(),
+    noGrad(() => doraRef(x, w, bias, A, B, m, 0.9).toF32()),
+    1e-5,
+    'dora',
+  );
   // the kernel's norm
   const n = doraWeightNorm(w, A, B, 0.9).toF32();
   const wf = noGrad(() => add(w, scale(matmul(B, A), 0.9)).toF32());
@@ -164,11 +179,13 @@ test('doraLinear matches the composed DoRA formula and finite differences', () =
   const ms = R([4]);
   const bs = R([4]);
   const norm = doraWeightNorm(ws, As, Bs, 0.6);
-  gradcheck(
-    'dora',
-    (x, b, a, bb, mm) => doraLinear(x!, ws, b!, a!, bb!, mm!, 0.6, { weightNorm: norm }),
-    [xs, bs, As, Bs, ms],
-  );
+  gradcheck('dora', (x, b, a, bb, mm) => doraLinear(x!, ws, b!, a!, bb!, mm!, 0.6, { weightNorm: norm }), [
+    xs,
+    bs,
+    As,
+    Bs,
+    ms,
+  ]);
   gradcheck(
     'dora xl',
     (x, xl, a, bb, mm) => doraLinear(x!, ws, null, a!, bb!, mm!, 0.6, { xl: xl!, weightNorm: norm }),
@@ -211,4 +228,58 @@ test('addRowsAt adds rows and routes gradients', () => {
     assert.ok(Math.abs(y[i]! - (bv[i]! + extra)) < 1e-6);
   }
   gradcheck('addRowsAt', (b, dd) => addRowsAt(b!, idx, dd!), [base, d]);
+});
+
+test('loraMixedRows: per-row adapters, one shrink and one expand per group, exact rows, gradients', () => {
+  const x = R([5, 2, 6]);
+  const w = R([4, 6], 1, false);
+  const A1 = R([2, 6]);
+  const B1 = R([4, 2]);
+  const A2 = R([3, 6]);
+  const B2 = R([4, 3]);
+  const g1 = { idx: intTensor([0, 3]), a: A1, b: B1, scale: 0.5 };
+  const g2 = { idx: intTensor([4]), a: A2, b: B2, scale: 2 };
+  const calls: GemmArgs[] = [];
+  const counting = {
+    ...jsBackend,
+    gemm: (p: GemmArgs) => {
+      calls.push(p);
+      jsBackend.gemm(p);
+    },
+  };
+  const prev = getBackend();
+  const y = noGrad(() => {
+    const base = linear(x, w);
+    setBackend(counting);
+    try {
+      return loraMixedRows(base, x, [g1, g2]).toF32();
+    } finally {
+      setBackend(prev);
+    }
+  });
+  assert.equal(calls.length, 4, 'two products per group');
+  const rowOf = (i: number, a: Tensor | null, b: Tensor | null, s: number) =>
+    noGrad(() => {
+      const xi = slice(x, 0, i, i + 1);
+      return (a ? loraLinear(xi, w, null, a, b!, s) : linear(xi, w)).toF32();
+    });
+  const want = [
+    rowOf(0, A1, B1, 0.5),
+    rowOf(1, null, null, 0),
+    rowOf(2, null, null, 0),
+    rowOf(3, A1, B1, 0.5),
+    rowOf(4, A2, B2, 2),
+  ];
+  want.forEach((r, i) => {
+    assert.deepEqual(y.subarray(i * 8, (i + 1) * 8), r, `row ${i}`);
+  });
+  gradcheck(
+    'loraMixedRows',
+    (b, xx, a1, b1, a2, b2) =>
+      loraMixedRows(b!, xx!, [
+        { idx: g1.idx, a: a1!, b: b1!, scale: 0.5 },
+        { idx: g2.idx, a: a2!, b: b2!, scale: 2 },
+      ]),
+    [R([5, 2, 4]), x, A1, B1, A2, B2],
+  );
 });

@@ -186,15 +186,28 @@ function decodeDot(
       i++;
     }
     let byte = pOff + (i >> 1);
+    // four independent sums: the loop is bound by the latency of the adds, not by the loads
     let a0 = 0;
     let a1 = 0;
+    let a2 = 0;
+    let a3 = 0;
+    for (; i + 3 < segEnd; i += 4) {
+      const v = p[byte]!;
+      const u = p[byte + 1]!;
+      byte += 2;
+      a0 += tbl[v >> 4]! * x[k]!;
+      a1 += tbl[v & 15]! * x[k + 1]!;
+      a2 += tbl[u >> 4]! * x[k + 2]!;
+      a3 += tbl[u & 15]! * x[k + 3]!;
+      k += 4;
+    }
     for (; i + 1 < segEnd; i += 2) {
       const v = p[byte++]!;
       a0 += tbl[v >> 4]! * x[k]!;
       a1 += tbl[v & 15]! * x[k + 1]!;
       k += 2;
     }
-    acc += a0 + a1;
+    acc += a0 + a1 + (a2 + a3);
     if (i < segEnd) {
       acc += tbl[p[pOff + (i >> 1)]! >> 4]! * x[k++]!;
       i++;

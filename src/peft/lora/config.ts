@@ -3,13 +3,7 @@
 
 import { ConfigError } from '../../core/errors.ts';
 
-export type TaskType =
-  | 'SEQ_CLS'
-  | 'SEQ_2_SEQ_LM'
-  | 'CAUSAL_LM'
-  | 'TOKEN_CLS'
-  | 'QUESTION_ANS'
-  | 'FEATURE_EXTRACTION';
+export type TaskType = 'SEQ_CLS' | 'SEQ_2_SEQ_LM' | 'CAUSAL_LM' | 'TOKEN_CLS' | 'QUESTION_ANS' | 'FEATURE_EXTRACTION';
 export const TASK_TYPES: readonly TaskType[] = [
   'SEQ_CLS',
   'SEQ_2_SEQ_LM',
@@ -178,7 +172,11 @@ function numberMap(where: string, field: string, v: unknown, integer: boolean): 
   const out: Record<string, number> = {};
   for (const [k, x] of Object.entries(v as Record<string, unknown>)) {
     if (typeof x !== 'number' || !Number.isFinite(x) || (integer && (!Number.isInteger(x) || x <= 0)))
-      err(where, `${field}['${k}']`, `must be ${integer ? 'a positive integer' : 'a number'}, got ${JSON.stringify(x)}`);
+      err(
+        where,
+        `${field}['${k}']`,
+        `must be ${integer ? 'a positive integer' : 'a number'}, got ${JSON.stringify(x)}`,
+      );
     out[k] = x;
   }
   return out;

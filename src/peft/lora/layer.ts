@@ -20,7 +20,7 @@ import { embedding } from '../../ops/embedding.ts';
 import { gemmInto, linear } from '../../ops/matmul.ts';
 import { indexSelect, transpose } from '../../ops/shape.ts';
 import { noGrad } from '../../ops/tape.ts';
-import { addRowsAt, doraLinear, doraWeightNorm, loraLinear } from './ops.ts';
+import { addRowsAt, doraLinear, doraWeightNorm, loraLinear, loraMixedRows, type RowGroup } from './ops.ts';
 
 /** Raised when a merge would write non-finite weights (safe merge) or cannot be done. */
 export class MergeError extends LowrankError {}
@@ -270,7 +270,9 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
   private plainBase(what: string): Linear {
     const b = this.base;
     if (!(b instanceof Linear))
-      throw new ConfigError(`${this.path}: cannot ${what} a ${b.constructor.name} base layer (a plain Linear is needed)`);
+      throw new ConfigError(
+        `${this.path}: cannot ${what} a ${b.constructor.name} base layer (a plain Linear is needed)`,
+      );
     return b;
   }
 
@@ -290,7 +292,8 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
   }
 
   deleteAdapter(name: string): void {
-    if (this.merged.includes(name)) throw new ConfigError(`${this.path}: adapter '${name}' is merged; unmerge it first`);
+    if (this.merged.includes(name))
+      throw new ConfigError(`${this.path}: adapter '${name}' is merged; unmerge it first`);
     this.adapters.delete(name);
     for (const d of [this.loraA, this.loraB, this.magnitude]) d.delete(name);
   }
@@ -336,7 +339,9 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
       const lb = this.loraB.get(name)!.bias;
       if (ad.loraBias && lb) {
         if (!base.bias)
-          throw new MergeError(`${this.path}: adapter '${name}' has lora_bias but the base layer has no bias to merge into`);
+          throw new MergeError(
+            `${this.path}: adapter '${name}' has lora_bias but the base layer has no bias to merge into`,
+          );
         newBias = empty([this.outFeatures]);
         be.copy(base.bias, newBias);
         const t = empty([this.outFeatures]);
@@ -447,20 +452,22 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
   /** PEFT's _mixed_batch_forward: the base on the whole batch, then one shrink and one expand per adapter group. */
   private mixedForward(x: Tensor, rows: RowGroups): Tensor {
     this.checkRows(x, rows);
-    let result = this.base.forward(x);
+    const groups: RowGroup[] = [];
     for (const g of rows.groups) {
       if (g.name === null || !this.adapters.has(g.name)) continue;
-      const ad = this.adapters.get(g.name)!;
-      if (ad.useDora)
+      if (this.adapters.get(g.name)!.useDora)
         throw new ConfigError(`${this.path}: per-row adapters cannot use DoRA adapters ('${g.name}'), as in PEFT`);
       const Bm = this.loraB.get(g.name)!;
-      const xg = indexSelect(x, 0, g.idx);
-      const d = loraLinear(xg, null, null, this.loraA.get(g.name)!.weight, Bm.weight, this.scalingOf(g.name), {
+      groups.push({
+        idx: g.idx,
+        a: this.loraA.get(g.name)!.weight,
+        b: Bm.weight,
+        scale: this.scalingOf(g.name),
         loraBias: Bm.bias,
       });
-      result = addRowsAt(result, g.idx, d);
     }
-    return result;
+    const base = this.base.forward(x);
+    return groups.length ? loraMixedRows(base, x, groups) : base;
   }
 }
 
@@ -500,11 +507,13 @@ export class LoraEmbedding extends LoraLayerBase {
     this.adapters.set(name, ad);
     this.embA.set(name, a, false);
     this.embB.set(name, b, false);
-    if (ad.useDora) this.magnitude.child(name, new LoraWeight(doraWeightNorm(this.base.weight, a, b, ad.scaling, true)));
+    if (ad.useDora)
+      this.magnitude.child(name, new LoraWeight(doraWeightNorm(this.base.weight, a, b, ad.scaling, true)));
   }
 
   deleteAdapter(name: string): void {
-    if (this.merged.includes(name)) throw new ConfigError(`${this.path}: adapter '${name}' is merged; unmerge it first`);
+    if (this.merged.includes(name))
+      throw new ConfigError(`${this.path}: adapter '${name}' is merged; unmerge it first`);
     this.adapters.delete(name);
     this.embA.delete(name);
     this.embB.delete(name);
@@ -626,7 +635,13 @@ export class LoraEmbedding extends LoraLayerBase {
         continue;
       }
       // DoRA (PEFT's DoraEmbeddingLayer): y = (m / ||W^T + s B A||) (result + s A^T[ids] B^T), per output column
-      const norm = doraWeightNorm(this.base.weight, this.embA.get(name)!, this.embB.get(name)!, this.scalingOf(name), true);
+      const norm = doraWeightNorm(
+        this.base.weight,
+        this.embA.get(name)!,
+        this.embB.get(name)!,
+        this.scalingOf(name),
+        true,
+      );
       const k = div(this.magnitude.get(name)!.weight, norm);
       result = add(mul(result, k), mul(this.branch(ids, name), k));
     }
@@ -710,7 +725,9 @@ export class ModulesToSaveWrapper extends Module {
     const rows = this.rt.rows;
     if (!rows || this.rt.disabled) return this.current().forward(x);
     if (x.shape[0] !== rows.batch)
-      throw new ShapeError(`${this.path}: adapter rows name ${rows.batch} adapters but the batch has ${x.shape[0]} rows`);
+      throw new ShapeError(
+        `${this.path}: adapter rows name ${rows.batch} adapters but the batch has ${x.shape[0]} rows`,
+      );
     let out: Tensor | null = null;
     for (const g of rows.groups) {
       const m = g.name !== null && this.copies.has(g.name) ? (this.copies.get(g.name) as Callable) : this.original;

@@ -59,7 +59,14 @@ function checkShapes(op: string, x: Tensor, w: Tensor | null, bias: Tensor | nul
 }
 
 /** out rows = bias (+ s * loraBias), broadcast; returns whether anything was written. */
-function fillBias(o2: Tensor, rows: number, outF: number, bias: Tensor | null, loraBias: Tensor | null, s: number): boolean {
+function fillBias(
+  o2: Tensor,
+  rows: number,
+  outF: number,
+  bias: Tensor | null,
+  loraBias: Tensor | null,
+  s: number,
+): boolean {
   if (!bias && !loraBias) return false;
   const be = getBackend();
   const vec = empty([outF]);
@@ -166,7 +173,8 @@ export function loraLinear(
           gemm(g2, sw!, gx2, 1, 0); // g W
           bx = 1;
         }
-        if (!xlIn) gemm(du!, sa!, gx2, 1, bx); // + du A (the branch input is x)
+        if (!xlIn)
+          gemm(du!, sa!, gx2, 1, bx); // + du A (the branch input is x)
         else if (!w) getBackend().fill(gx2, 0);
         gx2.dispose();
       }
@@ -395,6 +403,153 @@ export function doraLinear(
     saved,
   );
   disposeTemps([...saved, xc, m32], [x, xlIn, a, b, w, m, opts.weightNorm]);
+  return node;
+}
+
+/** One adapter's rows in a mixed batch. */
+export interface RowGroup {
+  /** i32 [n]: the batch rows that use this adapter. */
+  idx: Tensor;
+  a: Tensor;
+  b: Tensor;
+  scale: number;
+  loraBias?: Tensor | null;
+}
+
+/**
+ * Mixed-adapter batch as one node (PEFT's adapter_names; an SGMV on the CPU): base [B, ..., out] is the base
+ * layer's output for x [B, ..., in]; every row of group g gets base + s_g (x A_g^T) B_g^T, other rows keep base.
+ * Per group: one gather, one shrink (x A^T) and one expand (accumulated into the gathered base rows, so each row
+ * is rounded exactly as when it runs alone through loraLinear), one scatter.
+ */
+export function loraMixedRows(base: Tensor, x: Tensor, groups: readonly RowGroup[]): Tensor {
+  const B = x.shape[0]!;
+  const inF = x.shape[x.ndim - 1]!;
+  const outF = base.shape[base.ndim - 1]!;
+  const perRow = x.size / B / inF; // tokens per batch row
+  if (base.shape[0] !== B || base.size / B / outF !== perRow)
+    throw new ShapeError(`loraMixedRows: base ${fmtShape(base.shape)} does not fit input ${fmtShape(x.shape)}`);
+  const be = getBackend();
+  const bc = f32NoGrad(base);
+  const xc = f32NoGrad(x);
+  const out = empty(base.shape);
+  const covered = new Uint8Array(B);
+  const us: Tensor[] = [];
+  const xgs: Tensor[] = [];
+  for (const g of groups) {
+    const n = g.idx.size;
+    if (
+      g.a.ndim !== 2 ||
+      g.a.shape[1] !== inF ||
+      g.b.ndim !== 2 ||
+      g.b.shape[0] !== outF ||
+      g.b.shape[1] !== g.a.shape[0]
+    )
+      throw new ShapeError(
+        `loraMixedRows: lora_A ${fmtShape(g.a.shape)} and lora_B ${fmtShape(g.b.shape)} do not fit [${outF}, ${inF}]`,
+      );
+    for (const i of g.idx.toTyped()) covered[i] = 1;
+    const r = g.a.shape[0]!;
+    const xg = empty([n * perRow, inF]);
+    be.gatherRows(xc, g.idx, xg, perRow * inF);
+    const yg = empty([n * perRow, outF]);
+    be.gatherRows(bc, g.idx, yg, perRow * outF);
+    if (g.loraBias) {
+      const lb = empty([outF]);
+      be.copy(g.loraBias, lb);
+      be.unary('scale', lb, lb, g.scale);
+      const lv = lb.view([n * perRow, outF], [0, 1], 0);
+      be.binary('add', yg, lv, yg);
+      lv.dispose();
+      lb.dispose();
+    }
+    const u = empty([n * perRow, r]);
+    const a32 = f32NoGrad(g.a);
+    const b32 = f32NoGrad(g.b);
+    const at = tview(a32);
+    gemm(xg, at, u, 1, 0);
+    at.dispose();
+    const bt = tview(b32);
+    gemm(u, bt, yg, g.scale, 1);
+    bt.dispose();
+    if (a32 !== g.a) a32.dispose();
+    if (b32 !== g.b) b32.dispose();
+    be.scatterAddRows(yg, g.idx, out, perRow * outF); // rows of out are still zero: an exact copy
+    yg.dispose();
+    us.push(u);
+    xgs.push(xg);
+  }
+  const rest = [...covered.keys()].filter((i) => !covered[i]);
+  if (rest.length) {
+    const idx = Int32Array.from(rest);
+    const ri = empty([rest.length], 'i32');
+    (ri.data as Int32Array).set(idx, ri.offset);
+    const rows = empty([rest.length * perRow, outF]);
+    be.gatherRows(bc, ri, rows, perRow * outF);
+    be.scatterAddRows(rows, ri, out, perRow * outF);
+    rows.dispose();
+    ri.dispose();
+  }
+  if (bc !== base) bc.dispose();
+  if (xc !== x) xc.dispose();
+  const inputs: (Tensor | null)[] = [base, x];
+  for (const g of groups) inputs.push(g.a, g.b, g.loraBias ?? null);
+  const xShape = x.shape;
+  const saved: Tensor[] = [];
+  for (let k = 0; k < groups.length; k++) saved.push(groups[k]!.idx, groups[k]!.a, groups[k]!.b, us[k]!, xgs[k]!);
+  const node = record(
+    out,
+    'loraMixedRows',
+    inputs,
+    (g, needs, sv) => {
+      const bk = getBackend();
+      const grads: (Tensor | null)[] = [needs[0] ? g : null, null];
+      let gx: Tensor | null = needs[1] ? empty(xShape) : null;
+      for (let k = 0; k < groups.length; k++) {
+        const [sidx, sa, sb, su, sxg] = sv.slice(5 * k, 5 * k + 5) as Tensor[];
+        const n = sidx!.size;
+        const r = sa!.shape[0]!;
+        const s = groups[k]!.scale;
+        const gg = empty([n * perRow, outF]);
+        bk.gatherRows(g, sidx!, gg, perRow * outF);
+        const base3 = 2 + 3 * k;
+        let du: Tensor | null = null;
+        if (needs[1] || needs[base3]) {
+          du = empty([n * perRow, r]);
+          gemm(gg, sb!, du, s, 0);
+        }
+        if (gx && du) {
+          const gxg = empty([n * perRow, inF]);
+          gemm(du, sa!, gxg, 1, 0);
+          bk.scatterAddRows(gxg, sidx!, gx, perRow * inF);
+          gxg.dispose();
+        }
+        let ga: Tensor | null = null;
+        if (needs[base3]) {
+          ga = empty(sa!.shape);
+          const dut = tview(du!);
+          gemm(dut, sxg!, ga, 1, 0);
+          dut.dispose();
+        }
+        let gb: Tensor | null = null;
+        if (needs[base3 + 1]) {
+          gb = empty(sb!.shape);
+          const ggt = tview(gg);
+          gemm(ggt, su!, gb, s, 0);
+          ggt.dispose();
+        }
+        const glb = needs[base3 + 2] ? sumRows(gg, s) : null;
+        du?.dispose();
+        gg.dispose();
+        grads.push(ga, gb, glb);
+      }
+      grads[1] = gx;
+      gx = null;
+      return grads;
+    },
+    saved,
+  );
+  for (const t of [...us, ...xgs]) t.dispose();
   return node;
 }
 

@@ -89,7 +89,8 @@ export function checkTargetModuleExists(cfg: LoraConfig, key: string): MatchResu
 
 /** get_pattern_key: the first rank_pattern/alpha_pattern key matching the end of the module name. */
 export function getPatternKey(patternKeys: readonly string[], key: string): string {
-  for (const p of patternKeys) if (pyRegex(p, (x) => `^(.*\\.)?(${x})$`, 'rank_pattern/alpha_pattern').test(key)) return p;
+  for (const p of patternKeys)
+    if (pyRegex(p, (x) => `^(.*\\.)?(${x})$`, 'rank_pattern/alpha_pattern').test(key)) return p;
   return key;
 }
 
