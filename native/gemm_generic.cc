@@ -20,7 +20,7 @@ namespace {
 
 constexpr int MR = 4;
 constexpr int NR = 8;
-int64_t g_kc = 256, g_mb = 4 * 96, g_nb = 512;
+int64_t g_kc = 256, g_mb = 4 * 512, g_nb = 512;
 
 template <int DT>
 void pack_a_t(const Operand& A, int64_t i0, int64_t mb, int64_t k0, int64_t kc, float* Ap) {

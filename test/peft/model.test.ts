@@ -2,6 +2,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ConfigError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
+import { memoryStats } from '../../src/core/storage.ts';
+import { generateBatch } from '../../src/models/generate.ts';
+import { Linear } from '../../src/nn/layers.ts';
+import { Linear4bit } from '../../src/quant/linear4bit.ts';
 import { tidy } from '../../src/core/scope.ts';
 import { intTensor } from '../../src/ops/create.ts';
 import { backward } from '../../src/ops/tape.ts';
@@ -209,4 +213,73 @@ test('target matching errors name the problem', () => {
   assert.throws(() => new LoraModel(tinyModel(), { target_modules: ['input_layernorm'] }), /RMSNorm/);
   assert.throws(() => new LoraModel(tinyModel(), { r: 0 }), /\br must be a positive integer/);
   assert.throws(() => new LoraModel(tinyModel(), { init_lora_weights: 'loftq' }), /init_lora_weights/);
+});
+
+test('training steps (LoRA, DoRA, dropout) and mixed-batch forwards do not grow memory', () => {
+  const m = tinyModel(8);
+  const pm = new LoraModel(m, { target_modules: ['q_proj', 'up_proj', 'embed_tokens'], lora_dropout: 0.2 }, 'a', { rng: new Rng(2) });
+  pm.addAdapter('d', { target_modules: ['v_proj', 'down_proj'], use_dora: true, lora_dropout: 0.1 });
+  randomizeAdapters(pm.namedParameters(), 3);
+  const ids = intTensor(IDS.flat(), [2, 6]);
+  const pos = intTensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5], [2, 6]);
+  const step = () => {
+    tidy(() => backward(pm.loss(ids, ids, { positions: pos })));
+    pm.zeroGrad();
+  };
+  pm.train();
+  pm.setAdapter(['a', 'd']);
+  step();
+  const before = memoryStats().liveStorages;
+  step();
+  step();
+  assert.equal(memoryStats().liveStorages, before, 'a training step leaked storage');
+  pm.eval();
+  pm.setAdapter('a');
+  logitsOf(m, IDS, ['a', null]);
+  const b2 = memoryStats().liveStorages;
+  logitsOf(m, IDS, ['a', null]);
+  logitsOf(m, IDS, [null, 'a']);
+  assert.equal(memoryStats().liveStorages, b2, 'a mixed-batch forward leaked storage');
+});
+
+test('batched generation with per-row adapters gives each row its adapter\'s tokens', () => {
+  const m = tinyModel(9);
+  const pm = new LoraModel(m, { target_modules: ['q_proj', 'v_proj', 'o_proj'], r: 4 }, 'a', { rng: new Rng(3), ...quiet });
+  pm.addAdapter('b', { target_modules: ['gate_proj', 'down_proj'], r: 4, lora_alpha: 64 });
+  randomizeAdapters(pm.namedParameters(), 11, 0.5);
+  const prompts = [[3, 9, 4], [7, 1, 2, 5, 6], [3, 9, 4]];
+  const rows = ['a', 'b', null];
+  const batch = generateBatch(m, prompts, { maxTokens: 6, temperature: 0, adapterRows: rows });
+  rows.forEach((r, i) => {
+    const alone = () => generateBatch(m, [prompts[i]!], { maxTokens: 6, temperature: 0 })[0];
+    let want: number[] | undefined;
+    if (r === null) want = pm.withAdaptersDisabled(alone);
+    else {
+      pm.setAdapter(r);
+      want = alone();
+    }
+    assert.deepEqual(batch[i], want, `row ${i} (${r})`);
+  });
+  assert.notDeepEqual(batch[0], batch[2], 'the adapter changes the tokens');
+});
+
+test('QLoRA: LoRA on a 4-bit base layer (all-linear finds it), base output at init, gradients to A and B only', () => {
+  const m = tinyModel(10);
+  for (const path of ['model.layers.0.self_attn.q_proj', 'model.layers.1.mlp.up_proj'])
+    m.setModule(path, Linear4bit.fromLinear(m.getModule(path) as Linear));
+  const base = logitsOf(m);
+  const pm = new LoraModel(m, { target_modules: 'all-linear', r: 2 }, 'default', { rng: new Rng(1), ...quiet });
+  const q = m.getModule('model.layers.0.self_attn.q_proj');
+  assert.ok(q instanceof LoraLinear && q.base instanceof Linear4bit);
+  assert.deepEqual(logitsOf(m), base);
+  randomizeAdapters(pm.namedParameters(), 4);
+  const ids = intTensor(IDS.flat(), [2, 6]);
+  const pos = intTensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5], [2, 6]);
+  pm.train();
+  tidy(() => backward(pm.loss(ids, ids, { positions: pos })));
+  assert.ok(q.loraA.get('default')!.weight.grad && q.loraB.get('default')!.weight.grad);
+  assert.ok(pm.trainableParameters().every(([n]) => /lora_[AB]/.test(n)));
+  pm.eval();
+  assert.throws(() => pm.merge(), /Linear4bit/);
+  assert.throws(() => pm.addAdapter('d', { target_modules: ['q_proj'], use_dora: true }), /DoRA/);
 });

@@ -35,7 +35,7 @@ test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { ski
     const expected = new Map<string, string>();
     for (let k = 0; k < models.length * 2; k++) {
       const j = job(k);
-      const r = await c.completions.create({ model: j.model, prompt: j.prompt, max_tokens: 12, temperature: 0 });
+      const r = await c.completions.create({ model: j.model, prompt: j.prompt, max_tokens: 8, temperature: 0 });
       expected.set(`${j.model}|${j.prompt}`, r.choices[0]!.text);
     }
     await waitFor(async () => (await statsOf(srv)).engine.running === 0, 2000, 'idle');
@@ -54,7 +54,7 @@ test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { ski
           try {
             let text = '';
             if (j.stream) {
-              const s = await c.completions.create({ model: j.model, prompt: j.prompt, max_tokens: 12, temperature: 0, stream: true });
+              const s = await c.completions.create({ model: j.model, prompt: j.prompt, max_tokens: 8, temperature: 0, stream: true });
               let finish: string | null = null;
               for await (const ch of s) {
                 text += ch.choices[0]?.text ?? '';
@@ -62,7 +62,7 @@ test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { ski
               }
               assert.ok(finish, 'the stream ended with a finish reason');
             } else {
-              const r = await c.completions.create({ model: j.model, prompt: j.prompt, max_tokens: 12, temperature: 0 });
+              const r = await c.completions.create({ model: j.model, prompt: j.prompt, max_tokens: 8, temperature: 0 });
               text = r.choices[0]!.text;
             }
             const want = expected.get(`${j.model}|${j.prompt}`);
@@ -90,7 +90,7 @@ test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { ski
     assert.ok(after_.memoryBytes - baseline < 4 * 2 ** 20, `engine memory grew by ${after_.memoryBytes - baseline} bytes`);
     assert.ok(process.memoryUsage().rss - rss0 < 256 * 2 ** 20, 'the HTTP side stays bounded');
     assert.equal(srv.engine.inflight, 0);
-    console.log(`# load: ${ok} served, ${rejected} x 429, ${(ok * 12) / secs | 0} tokens/s on loopback`);
+    console.log(`# load: ${ok} served, ${rejected} x 429, ${(ok * 8) / secs | 0} tokens/s on loopback`);
   } finally {
     await srv.close(1000);
   }
@@ -107,11 +107,12 @@ test('a client that disconnects cancels its generation; timeouts and a full queu
       { signal: ctl.signal },
     );
     let got = 0;
-    await assert.rejects(
-      (async () => {
-        for await (const _ of s as unknown as AsyncIterable<unknown>) if (++got === 3) ctl.abort();
-      })(),
-    );
+    try {
+      for await (const _ of s as unknown as AsyncIterable<unknown>) if (++got === 3) ctl.abort();
+    } catch {
+      // the SDK may end the iteration with an abort error
+    }
+    assert.equal(got, 3);
     await waitFor(() => srv.engine.inflight === 0, 2000, 'the cancelled request to leave');
     assert.equal((await srv.engine.stats()).engine.kvUsedTokens, 0);
 
@@ -127,12 +128,12 @@ test('a client that disconnects cancels its generation; timeouts and a full queu
     await waitFor(() => srv.engine.inflight === 0, 2000, 'the timed-out request to leave');
 
     // one running, one waiting: the next gets 429 with Retry-After
-    const slow = () => c.completions.create({ model: 'stories260K', prompt: 'Once', max_tokens: 40 });
+    const slow = () => c.completions.create({ model: 'stories260K', prompt: 'Once', max_tokens: 6 });
     const results = await Promise.allSettled([slow(), slow(), slow(), slow()]);
     const statuses = results.map((r) => (r.status === 'fulfilled' ? 200 : (r.reason as { status: number }).status));
     assert.ok(statuses.includes(429), statuses.join());
     assert.ok(statuses.includes(200), statuses.join());
-    const r429 = results.find((r) => r.status === 'rejected')!;
+    const r429 = results.find((r) => r.status === 'rejected' && (r.reason as { status: number }).status === 429)!;
     assert.equal(((r429 as PromiseRejectedResult).reason as { headers: Headers }).headers.get('retry-after'), '1');
     const metrics = await (await fetch(`${srv.url}/metrics`)).text();
     assert.match(metrics, /lowrank_requests_cancelled_total\{reason="disconnect"\} 1/);

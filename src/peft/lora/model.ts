@@ -56,8 +56,9 @@ class BaseModelHolder extends Module {
   }
 }
 
+/** A linear layer for 'all-linear': Linear, a quantized linear with the same surface, or a LoRA layer on one. */
 function isLinearLike(m: Module): boolean {
-  return m instanceof Linear || m instanceof LoraLinear;
+  return m instanceof Linear || m instanceof LoraLinear || isQuantLinear(m);
 }
 
 export class LoraModel extends Module {
@@ -442,7 +443,10 @@ export class LoraModel extends Module {
     return this.unloadLayers(opts.names ?? this.activeAdapters);
   }
 
-  /** Removes every adapter without merging; returns the plain base model. */
+  /**
+   * Removes every adapter without merging; returns the plain base model. Merged adapters are unmerged first, so
+   * the result is the original base (PEFT's unload would keep merged weights in it).
+   */
   unload(): LlamaForCausalLM {
     this.unmerge();
     return this.unloadLayers([]);
