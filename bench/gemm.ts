@@ -5,7 +5,10 @@
 // Shapes are written M x K x N: C[M, N] = A[M, K] * B[K, N]. "NN" passes B as [K, N]; "NT" passes a weight
 // W[N, K] and computes x W^T (transB), the layout of a Linear layer.
 //
-//   npm run bench:gemm [-- --rounds 3 --threads 2 --quick]
+//   npm run bench:gemm [-- --rounds 3 --threads 2 --quick --wait-idle 20]
+//
+// Before each measurement the bench waits up to --wait-idle seconds (default 20, 0 = never) for the CPUs to be
+// idle, and keeps the best of --rounds rounds: on a shared machine that measures the gaps between other jobs.
 
 import { loadNativeAddon, type NativeAddon, type NativeDTypeCode } from '../src/backend/cpu/native-addon.ts';
 import {
@@ -18,6 +21,7 @@ import {
   ratio,
   runPythonPeer,
   timeBest,
+  waitForIdle,
 } from './common.ts';
 
 interface GemmCase {
@@ -43,13 +47,18 @@ interface GemvCase {
 
 const DT = ['f32', 'bf16', 'f16'];
 
-function args(): { rounds: number; threads: number | undefined; quick: boolean } {
+function args(): { rounds: number; threads: number | undefined; quick: boolean; waitMs: number } {
   const a = process.argv.slice(2);
   const val = (name: string) => {
     const i = a.indexOf(name);
     return i >= 0 ? Number(a[i + 1]) : undefined;
   };
-  return { rounds: val('--rounds') ?? 3, threads: val('--threads'), quick: a.includes('--quick') };
+  return {
+    rounds: val('--rounds') ?? 3,
+    threads: val('--threads'),
+    quick: a.includes('--quick'),
+    waitMs: 1000 * (val('--wait-idle') ?? 20),
+  };
 }
 
 function gemmCases(quick: boolean): GemmCase[] {
@@ -221,12 +230,27 @@ function main(): void {
       cold: COLD_BYTES,
     })),
   ];
+  let waits = 0;
+  let busy = 0;
+  const quiet = () => {
+    if (opt.waitMs <= 0) return;
+    waits++;
+    if (!waitForIdle(85, opt.waitMs)) busy++;
+  };
   for (let r = 0; r < opt.rounds; r++) {
+    quiet();
     const lim: Limits = measureLimits(addon, threads);
     for (const [k, v] of Object.entries(lim)) best.add(`limit:${k}`, v);
-    for (const c of cases) best.add(c.key, runGemm(addon, c));
-    for (const c of GEMV_CASES) best.add(c.key, runGemv(addon, c));
+    for (const c of cases) {
+      quiet();
+      best.add(c.key, runGemm(addon, c));
+    }
+    for (const c of GEMV_CASES) {
+      quiet();
+      best.add(c.key, runGemv(addon, c));
+    }
     if (peerError === null) {
+      quiet();
       const p = runPythonPeer(PEER, {
         LR_CASES: JSON.stringify(peerCases),
         OPENBLAS_NUM_THREADS: String(threads),
@@ -292,6 +316,7 @@ function main(): void {
     }),
   );
   if (peerError !== null) console.log(`\nnumpy/OpenBLAS peer not measured: ${peerError}`);
+  if (waits > 0) console.log(`\n${busy} of ${waits} measurements started while other processes kept the CPUs busy.`);
   console.log(
     '\nRatios compare best-of-round figures measured in this run; other processes on the machine lower both.' +
       ' Anchor (shared/anchors.md): OpenBLAS ~155-240 GFLOP/s at 2048^3-4096^3 on the 2-vCPU Cascade Lake machines.',

@@ -3,8 +3,8 @@
 // per token, so bandwidth / weight bytes bounds tokens/s). PyTorch on this CPU: 158 tokens/s prefill and
 // 7.5 tokens/s decode (f32, ../shared/anchors.md).
 
-import { getBackend } from '../src/backend/index.ts';
 import { loadNativeAddon } from '../src/backend/cpu/native-addon.ts';
+import { getBackend } from '../src/backend/index.ts';
 import { Rng } from '../src/core/rng.ts';
 import { DecodeSession } from '../src/models/generate.ts';
 import { initModel, presetConfig } from '../src/models/save.ts';
@@ -60,6 +60,15 @@ for (const dtype of ['f32', 'bf16'] as const) {
 }
 printTable(
   `generate: ${preset}, prefill 1x${prefillLen}, greedy decode ${decodeTokens} tokens with the KV cache${limits ? `; read bandwidth ${fmt(limits.readT)} GB/s (${threads} threads)` : ''}`,
-  ['weights', 'bytes', 'prefill tok/s', 'vs PyTorch 158', 'decode tok/s', 'vs PyTorch 7.5', 'bandwidth bound tok/s', 'of bound'],
+  [
+    'weights',
+    'bytes',
+    'prefill tok/s',
+    'vs PyTorch 158',
+    'decode tok/s',
+    'vs PyTorch 7.5',
+    'bandwidth bound tok/s',
+    'of bound',
+  ],
   rows,
 );

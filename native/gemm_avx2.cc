@@ -23,7 +23,8 @@ namespace {
 constexpr int MR = 6;
 constexpr int NV = 2;
 constexpr int NR = 8 * NV;
-int64_t g_kc = 256, g_mb = 6 * 342, g_nb = 768;  // as the AVX-512 blocks: A sliver in L1, B block in L2, A block in L3
+// As for AVX-512: an A sliver in L1, a B block in L2, the A block in L3 (B packed once per K block).
+int64_t g_kc = 256, g_mb = 6 * 342, g_nb = 768;
 
 // Prefetches the line at byte offset `bytes` from p. Addresses past the end of an array are fine for the
 // instruction (it never faults); the address is formed as an integer so no out-of-bounds pointer exists.

@@ -3,7 +3,9 @@
 
 import { Command } from 'commander';
 import { LowrankError } from '../core/errors.ts';
+import { registerCompare } from './compare.ts';
 import { registerEstimate } from './estimate.ts';
+import { registerEval } from './eval.ts';
 import { registerGenerate } from './generate.ts';
 import { registerInfo } from './info.ts';
 import { registerInitModel } from './init-model.ts';
@@ -28,6 +30,8 @@ export function buildProgram(): Command {
   registerQuantize(program);
   registerEstimate(program);
   registerTrain(program);
+  registerEval(program);
+  registerCompare(program);
   registerServe(program);
   return program;
 }

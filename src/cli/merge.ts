@@ -1,6 +1,8 @@
 // lowrank merge --model M --adapter A [--adapter B --weights ...] --out DIR [--gguf] [--dtype]
 // Loads the base in f32, merges the adapters (weighted; a merge that would write NaN/inf is refused), and writes
 // an HF dir (config.json, model.safetensors, tokenizer files) or, with --gguf, a GGUF file for llama.cpp.
+// A bitsandbytes 4-bit base (a QLoRA setup) is merged into dense weights, dequant(W4) + s B A, and written in
+// 16 bits (bf16 unless --dtype says otherwise): re-quantizing would round the adapter away.
 
 import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -8,9 +10,14 @@ import type { Command } from 'commander';
 import type { DType } from '../core/dtype.ts';
 import { ConfigError } from '../core/errors.ts';
 import { openSafetensors, openSafetensorsIndex } from '../formats/safetensors.ts';
+import type { LlamaForCausalLM } from '../models/llama.ts';
 import { loadModel, resolveModelPath } from '../models/load.ts';
 import { DTYPE_OF } from '../models/weights.ts';
+import type { Module } from '../nn/module.ts';
 import { type GgufFloatType, saveMergedGguf, saveMergedHF } from '../peft/lora/merge.ts';
+import { Linear4bit } from '../quant/linear4bit.ts';
+import { loadModelQuantized, readQuantizationConfig } from '../quant/load.ts';
+import { denseLinearFrom4bit } from '../quant/merge.ts';
 import { applyAdapterOptions } from './adapters.ts';
 import { collect } from './common.ts';
 
@@ -37,6 +44,16 @@ function sourceDtype(dir: string): DType {
   }
 }
 
+/** Replaces the 4-bit layers no adapter touched by dense ones (an exported model holds plain weights). */
+function dequantizeRest(model: LlamaForCausalLM): void {
+  const quant: [string, Linear4bit][] = [];
+  for (const [n, m] of model.namedModules()) if (m instanceof Linear4bit) quant.push([n, m]);
+  for (const [n, m] of quant) {
+    model.setModule(n, denseLinearFrom4bit(m, { dtype: 'f32' }) as Module);
+    m.dispose();
+  }
+}
+
 export function registerMerge(program: Command): void {
   program
     .command('merge')
@@ -53,11 +70,20 @@ export function registerMerge(program: Command): void {
         throw new ConfigError(`--dtype must be f32, bf16 or f16, got '${o.dtype}'`);
       const path = await resolveModelPath(o.model);
       const isDir = statSync(path).isDirectory();
-      const { model } = await loadModel(path, { dtype: 'f32' });
+      const quantized = isDir && readQuantizationConfig(path) !== null;
+      const { model } = quantized ? await loadModelQuantized(path) : await loadModel(path, { dtype: 'f32' });
       const pm = applyAdapterOptions(model, o.adapter, o.weights)!;
       const names = pm.activeAdapters;
-      const merged = pm.mergeAndUnload({ safe: true });
-      const dtype: DType = (o.dtype as DType | undefined) ?? (isDir ? sourceDtype(path) : 'f32');
+      const merged = pm.mergeAndUnload({
+        safe: true,
+        replaceQuantized: (base, delta, at) => {
+          if (!(base instanceof Linear4bit))
+            throw new ConfigError(`${at}: cannot merge into a ${base.constructor.name}`);
+          return denseLinearFrom4bit(base, { deltaW: delta, dtype: 'f32' });
+        },
+      });
+      if (quantized) dequantizeRest(merged);
+      const dtype: DType = (o.dtype as DType | undefined) ?? (quantized ? 'bf16' : isDir ? sourceDtype(path) : 'f32');
       if (o.gguf) {
         let file = o.out;
         if (!file.endsWith('.gguf')) {

@@ -51,7 +51,12 @@ export function registerServe(program: Command): void {
     .option('--served-model-name <name>', "the base model's name in the API (default: the model's file or dir name)")
     .option('--adapter <name=path>', 'a PEFT adapter dir served under a name (repeatable)', collect, [])
     .option('--adapter-dir <dir>', 'serve every adapter dir inside this directory (watched for changes)')
-    .option('--adapter-root <dir>', 'allow POST /v1/load_lora_adapter to read adapters under this dir (repeatable)', collect, [])
+    .option(
+      '--adapter-root <dir>',
+      'allow POST /v1/load_lora_adapter to read adapters under this dir (repeatable)',
+      collect,
+      [],
+    )
     .option('--host <addr>', 'address to listen on', '127.0.0.1')
     .option('--port <n>', 'port (0 = any free port)', '8000')
     .option('--api-keys <file>', 'API keys, one per line: KEY [model,model,...] (also LOWRANK_API_KEYS)')
@@ -92,7 +97,8 @@ export function registerServe(program: Command): void {
         maxCpuLoraBytes: positive('max-cpu-lora-mb', num('max-cpu-lora-mb', o.maxCpuLoraMb, 1024)) * 2 ** 20,
         maxNumSeqs: positive('max-num-seqs', int('max-num-seqs', o.maxNumSeqs, 64)),
         kvCacheBytes: positive('kv-cache-mb', num('kv-cache-mb', o.kvCacheMb, 512)) * 2 ** 20,
-        maxModelLen: o.maxModelLen === undefined ? 0 : positive('max-model-len', int('max-model-len', o.maxModelLen, 0)),
+        maxModelLen:
+          o.maxModelLen === undefined ? 0 : positive('max-model-len', int('max-model-len', o.maxModelLen, 0)),
         prefillChunk: positive('prefill-chunk', int('prefill-chunk', o.prefillChunk, 256)),
         maxQueue: positive('max-queue', int('max-queue', o.maxQueue, 256)),
         requestTimeoutMs: num('request-timeout', o.requestTimeout, 600) * 1000,

@@ -137,6 +137,18 @@ export function fullLogits(model: LlamaForCausalLM, ids: readonly number[]): Flo
   );
 }
 
+/**
+ * The text of `out` as it reads after the prompt: decoded together with the prompt's last few tokens and
+ * that prefix's own text removed, so a SentencePiece word-initial space is kept ("Tom had" + " a ball").
+ */
+export function decodeAfter(tok: GenTokenizer, prompt: readonly number[], out: readonly number[]): string {
+  const tail = prompt.slice(-4);
+  const o = { skipSpecialTokens: true };
+  const prefix = tok.decode(tail, o);
+  const both = tok.decode([...tail, ...out], o);
+  return both.startsWith(prefix) ? both.slice(prefix.length) : tok.decode(out, o);
+}
+
 /** Holds back text that might be the start of a stop string. */
 function splitAtStop(text: string, stops: readonly string[]): { emit: number; hit: boolean } {
   let cut = -1;
@@ -210,7 +222,7 @@ export function* generateSteps(
       out.push(t);
       context.push(t);
       const last = out.length >= maxTokens;
-      const decoded = tok.decode(out, { skipSpecialTokens: true });
+      const decoded = decodeAfter(tok, promptIds, out);
       // a trailing U+FFFD is an incomplete UTF-8 sequence: wait for the next token unless this is the last
       const stable = !last && decoded.endsWith('\uFFFD') ? decoded.slice(0, decoded.lastIndexOf('\uFFFD')) : decoded;
       const { emit, hit } = splitAtStop(stable, stops);

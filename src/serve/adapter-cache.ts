@@ -16,15 +16,15 @@
 // whose A stacks the A_i along the rank axis and whose B puts the w_i * s_i * B_i side by side: its rank is the
 // sum of the ranks, and nothing is merged into the base weights.
 
-import { ConfigError, FormatError, LowrankError, RequestError } from '../core/errors.ts';
-import type { Tensor } from '../core/tensor.ts';
 import { getBackend } from '../backend/index.ts';
+import { ConfigError, FormatError, LowrankError, RequestError } from '../core/errors.ts';
+import { keep } from '../core/scope.ts';
+import type { Tensor } from '../core/tensor.ts';
 import type { LlamaForCausalLM } from '../models/llama.ts';
 import { empty } from '../ops/create.ts';
 import { noGrad } from '../ops/tape.ts';
-import { keep } from '../core/scope.ts';
 import { type LoraConfig, loraConfig, loraScaling } from '../peft/lora/config.ts';
-import { adapterStateDict, loadAdapter, readAdapterConfig } from '../peft/lora/io.ts';
+import { loadAdapter, readAdapterConfig } from '../peft/lora/io.ts';
 import { LoraLinear } from '../peft/lora/layer.ts';
 import { LoraModel } from '../peft/lora/model.ts';
 import { checkTargetModuleExists, rankAndAlpha } from '../peft/lora/target.ts';
@@ -63,13 +63,18 @@ export interface AdapterCacheStats {
   hostNames: string[];
 }
 
-/** An adapter in host memory: its config and tensors by PEFT on-disk key. */
+/** An adapter's matrices for one module (f32 copies, owned by the host entry). */
+interface ModuleWeights {
+  a: Tensor;
+  b: Tensor;
+  bias: Tensor | null;
+}
+
+/** An adapter in host memory: its config and its matrices by module path. */
 interface HostEntry {
   ref: AdapterRef;
   config: LoraConfig;
-  tensors: Map<string, Tensor>;
-  /** Module path -> [lora_A key, lora_B key, lora_B bias key or null]. */
-  modules: Map<string, { a: string; b: string; bias: string | null }>;
+  modules: Map<string, ModuleWeights>;
   bytes: number;
   lastUse: number;
 }
@@ -80,11 +85,7 @@ interface ResidentEntry extends AdapterLease {
   parts: AdapterSpec;
   refs: number;
   lastUse: number;
-  /** Its adapter was replaced or removed: evict once no sequence holds it. */
-  stale: boolean;
 }
-
-const PREFIX = 'base_model.model.';
 
 const hostKey = (r: { name: string; version: number }) => `${r.name}@${r.version}`;
 
@@ -95,23 +96,30 @@ function bytesOf(t: Tensor): number {
 /** Rejects what a shared, mixed-batch server cannot apply without changing the base model. */
 function checkServable(cfg: LoraConfig, where: string): void {
   if (cfg.use_dora)
-    throw new ConfigError(`${where}: DoRA adapters cannot be served in mixed batches (merge it into the model instead)`);
+    throw new ConfigError(
+      `${where}: DoRA adapters cannot be served in mixed batches (merge it into the model instead)`,
+    );
   if (cfg.modules_to_save?.length)
     throw new ConfigError(
       `${where}: modules_to_save (${cfg.modules_to_save.join(', ')}) replaces base modules, which a multi-adapter server cannot do`,
     );
-  if (cfg.bias !== 'none') throw new ConfigError(`${where}: bias '${cfg.bias}' trains base-model biases; only 'none' can be served`);
+  if (cfg.bias !== 'none')
+    throw new ConfigError(`${where}: bias '${cfg.bias}' trains base-model biases; only 'none' can be served`);
   // PEFT saves the base weights of targeted embedding layers with the adapter; loading them would change the
   // shared base model
   for (const key of ['model.embed_tokens', 'lm_head'])
     if (checkTargetModuleExists(cfg, key) === 'match')
-      throw new ConfigError(`${where}: LoRA on '${key}' is not supported by the server (only linear layers inside the blocks)`);
+      throw new ConfigError(
+        `${where}: LoRA on '${key}' is not supported by the server (only linear layers inside the blocks)`,
+      );
 }
 
 export class AdapterCache implements AdapterPool {
   private pm: LoraModel | null = null;
   private readonly host = new Map<string, HostEntry>();
   private readonly resident = new Map<string, ResidentEntry>();
+  /** Sets whose adapter was replaced or removed while sequences still hold them: freed on their last release. */
+  private readonly retired = new Set<ResidentEntry>();
   private clock = 0;
   private nextInternal = 1;
   private readonly counters = { hitsResident: 0, hitsHost: 0, loads: 0, evictionsResident: 0, evictionsHost: 0 };
@@ -134,7 +142,7 @@ export class AdapterCache implements AdapterPool {
 
   /** Reads an adapter into host memory (validating it); the runtime load endpoint calls this. */
   preload(ref: Omit<AdapterRef, 'weight'>): AdapterInfo {
-    const h = this.hostEntry({ ...ref, weight: 1 });
+    const h = this.hostEntry({ ...ref, weight: 1 }, null);
     let rank = 0;
     let alpha = 0;
     for (const path of h.modules.keys()) {
@@ -149,7 +157,7 @@ export class AdapterCache implements AdapterPool {
     const key = adapterKey(spec);
     const now = ++this.clock;
     const hit = this.resident.get(key);
-    if (hit && !hit.stale) {
+    if (hit) {
       this.counters.hitsResident++;
       hit.refs++;
       hit.lastUse = now;
@@ -159,21 +167,28 @@ export class AdapterCache implements AdapterPool {
       }
       return hit;
     }
-    if (this.resident.size >= this.opts.maxLoras && !this.evictResident()) return null;
+    if (this.resident.size + this.retired.size >= this.opts.maxLoras && !this.evictResident()) return null;
     const internal = `s${this.nextInternal++}`;
-    if (spec.length === 1 && spec[0]!.weight === 1) this.injectOne(internal, this.hostEntry(spec[0]!));
-    else this.injectMixture(internal, spec.map((p) => ({ host: this.hostEntry(p), weight: p.weight })));
+    if (spec.length === 1 && spec[0]!.weight === 1) {
+      // a disk read loads straight into the slot; a host hit is copied in
+      const cached = this.host.has(hostKey(spec[0]!));
+      const h = this.hostEntry(spec[0]!, internal);
+      if (cached) this.injectOne(internal, h);
+    } else
+      this.injectMixture(
+        internal,
+        spec.map((p) => ({ host: this.hostEntry(p, null), weight: p.weight })),
+      );
     this.lora.rt.active = [];
-    const entry: ResidentEntry = { key, internal, parts: spec, refs: 1, lastUse: now, stale: false };
+    const entry: ResidentEntry = { key, internal, parts: spec, refs: 1, lastUse: now };
     this.resident.set(key, entry);
     return entry;
   }
 
   release(lease: AdapterLease): void {
-    const e = this.resident.get(lease.key);
-    if (!e || e !== lease) return;
+    const e = lease as ResidentEntry;
     e.refs--;
-    if (e.refs === 0 && e.stale) this.evict(e);
+    if (e.refs === 0 && this.retired.delete(e)) this.unload(e);
   }
 
   rows(leases: readonly (AdapterLease | null)[]): unknown {
@@ -190,14 +205,15 @@ export class AdapterCache implements AdapterPool {
       }
     for (const e of [...this.resident.values()])
       if (e.parts.some((p) => p.name === name && p.version !== keep)) {
-        e.stale = true;
-        if (e.refs === 0) this.evict(e);
+        this.resident.delete(e.key);
+        if (e.refs === 0) this.unload(e);
+        else this.retired.add(e);
       }
   }
 
   stats(): AdapterCacheStats {
     return {
-      resident: this.resident.size,
+      resident: this.resident.size + this.retired.size,
       maxResident: this.opts.maxLoras,
       host: this.host.size,
       hostBytes: [...this.host.values()].reduce((s, h) => s + h.bytes, 0),
@@ -208,15 +224,20 @@ export class AdapterCache implements AdapterPool {
   }
 
   dispose(): void {
-    for (const e of [...this.resident.values()]) this.evict(e);
+    for (const e of [...this.resident.values(), ...this.retired]) this.unload(e);
+    this.resident.clear();
+    this.retired.clear();
     for (const h of this.host.values()) this.disposeHost(h);
     this.host.clear();
   }
 
   // ---- tiers ----
 
-  /** The host-memory copy of an adapter, read from disk on a miss. */
-  private hostEntry(ref: AdapterRef): HostEntry {
+  /**
+   * The host-memory copy of an adapter, read from disk on a miss. `slot`: on a miss, leave the adapter loaded
+   * in the model under this name (it is about to become resident) instead of removing it.
+   */
+  private hostEntry(ref: AdapterRef, slot: string | null): HostEntry {
     const k = hostKey(ref);
     const now = ++this.clock;
     const hit = this.host.get(k);
@@ -225,7 +246,7 @@ export class AdapterCache implements AdapterPool {
       hit.lastUse = now;
       return hit;
     }
-    const h = this.readAdapter(ref);
+    const h = this.readAdapter(ref, slot);
     this.counters.loads++;
     h.lastUse = now;
     this.host.set(k, h);
@@ -233,52 +254,55 @@ export class AdapterCache implements AdapterPool {
     return h;
   }
 
-  /** Loads through PEFT's loader into a scratch adapter slot, copies the tensors out, and removes the slot. */
-  private readAdapter(ref: AdapterRef): HostEntry {
+  /** Loads through PEFT's loader into an adapter slot of the model and copies the matrices out. */
+  private readAdapter(ref: AdapterRef, slot: string | null): HostEntry {
     const where = `adapter '${ref.name}'`;
     const hide = (m: string) => m.split(ref.path).join(`<${ref.name}>`);
-    const scratch = `tmp${this.nextInternal++}`;
+    const name = slot ?? `tmp${this.nextInternal++}`;
     const pm = this.lora;
+    let ok = false;
     try {
       const cfg = readAdapterConfig(ref.path, () => {});
       checkServable(cfg, where);
       const problems: string[] = [];
-      loadAdapter(pm, ref.path, { adapterName: scratch, onWarning: (m) => problems.push(m) });
+      loadAdapter(pm, ref.path, { adapterName: name, onWarning: (m) => problems.push(m) });
       pm.rt.active = [];
       const missing = problems.find((m) => m.includes('missing adapter keys'));
       if (missing) throw new FormatError(`${where} is incomplete: ${missing}`);
       for (const m of problems) console.warn(`${where}: ${hide(m)}`);
-      const config = pm.configs.get(scratch)!;
-      const tensors = new Map<string, Tensor>();
+      const config = pm.configs.get(name)!;
+      const modules = new Map<string, ModuleWeights>();
       let bytes = 0;
+      const copy = (t: Tensor) => {
+        const c = keep(empty(t.shape));
+        getBackend().copy(t, c);
+        bytes += bytesOf(c);
+        return c;
+      };
       noGrad(() => {
-        for (const [key, t] of adapterStateDict(pm, scratch)) {
-          const copy = keep(empty(t.shape, t.dtype));
-          getBackend().copy(t, copy);
-          tensors.set(key, copy);
-          bytes += bytesOf(copy);
+        for (const [path, layer] of pm.adapterLayers()) {
+          if (!layer.has(name)) continue;
+          if (!(layer instanceof LoraLinear))
+            throw new ConfigError(
+              `${where}: '${path}' is not a linear layer; the server applies LoRA to linear layers only`,
+            );
+          const B = layer.loraB.get(name)!;
+          modules.set(path, {
+            a: copy(layer.loraA.get(name)!.weight),
+            b: copy(B.weight),
+            bias: B.bias ? copy(B.bias) : null,
+          });
         }
       });
-      const modules = new Map<string, { a: string; b: string; bias: string | null }>();
-      for (const key of tensors.keys()) {
-        const m = /^base_model\.model\.(.+)\.lora_A\.weight$/.exec(key);
-        if (!m) continue;
-        const path = m[1]!;
-        const b = `${PREFIX}${path}.lora_B.weight`;
-        const bias = `${PREFIX}${path}.lora_B.bias`;
-        modules.set(path, { a: key, b, bias: tensors.has(bias) ? bias : null });
-      }
-      for (const key of tensors.keys())
-        if (!/\.lora_[AB]\.(weight|bias)$/.test(key))
-          throw new ConfigError(`${where}: tensor '${key}' is not a LoRA weight of a linear layer; it cannot be served`);
-      return { ref, config, tensors, modules, bytes, lastUse: 0 };
+      ok = true;
+      return { ref, config, modules, bytes, lastUse: 0 };
     } catch (e) {
       if (e instanceof RequestError) throw e;
       const msg = e instanceof LowrankError ? hide(e.message) : 'internal error while reading it';
       if (!(e instanceof LowrankError)) console.error(`${where}:`, e);
       throw new RequestError(`${where} could not be loaded: ${msg}`, 400, 'adapter_load_failed');
     } finally {
-      if (pm.configs.has(scratch)) pm.deleteAdapter(scratch);
+      if ((!ok || !slot) && pm.configs.has(name)) pm.deleteAdapter(name);
     }
   }
 
@@ -288,7 +312,8 @@ export class AdapterCache implements AdapterPool {
       [...this.host.values()].reduce((s, h) => s + h.bytes, 0) > this.opts.maxCpuLoraBytes;
     while (over()) {
       let victim: [string, HostEntry] | null = null;
-      for (const [k, h] of this.host) if (k !== justAdded && (!victim || h.lastUse < victim[1].lastUse)) victim = [k, h];
+      for (const [k, h] of this.host)
+        if (k !== justAdded && (!victim || h.lastUse < victim[1].lastUse)) victim = [k, h];
       if (!victim) break; // only the new one is left: it stays (a single adapter larger than the budget)
       this.host.delete(victim[0]);
       this.disposeHost(victim[1]);
@@ -297,8 +322,8 @@ export class AdapterCache implements AdapterPool {
   }
 
   private disposeHost(h: HostEntry): void {
-    for (const t of h.tensors.values()) t.dispose();
-    h.tensors.clear();
+    for (const m of h.modules.values()) for (const t of [m.a, m.b, m.bias]) t?.dispose();
+    h.modules.clear();
   }
 
   /** Frees the least recently used resident set that no sequence holds; false if every one is in use. */
@@ -306,29 +331,34 @@ export class AdapterCache implements AdapterPool {
     let victim: ResidentEntry | null = null;
     for (const e of this.resident.values()) if (e.refs === 0 && (!victim || e.lastUse < victim.lastUse)) victim = e;
     if (!victim) return false;
-    this.evict(victim);
+    this.resident.delete(victim.key);
+    this.unload(victim);
     this.counters.evictionsResident++;
     return true;
   }
 
-  private evict(e: ResidentEntry): void {
-    this.resident.delete(e.key);
+  /** Removes a set's adapter from the model. */
+  private unload(e: ResidentEntry): void {
     if (this.pm?.configs.has(e.internal)) this.pm.deleteAdapter(e.internal);
     if (this.pm) this.pm.rt.active = [];
   }
 
   // ---- building resident sets ----
 
-  /** One adapter at weight 1: its own config, tensors copied in by key. */
+  /** One adapter at weight 1: its own config, matrices copied into the new slot. */
   private injectOne(internal: string, h: HostEntry): void {
     const pm = this.lora;
     pm.addAdapter(internal, { ...h.config, inference_mode: true }, { forLoading: true });
     try {
       noGrad(() => {
-        for (const [key, t] of adapterStateDict(pm, internal)) {
-          const src = h.tensors.get(key);
-          if (!src) throw new FormatError(`adapter '${h.ref.name}': no tensor '${key}' in the cached copy`);
-          getBackend().copy(src, t);
+        for (const [path, m] of h.modules) {
+          const layer = pm.model.getModule(path);
+          if (!(layer instanceof LoraLinear) || !layer.has(internal))
+            throw new ConfigError(`adapter '${h.ref.name}': no LoRA slot at '${path}'`);
+          const B = layer.loraB.get(internal)!;
+          getBackend().copy(m.a, layer.loraA.get(internal)!.weight);
+          getBackend().copy(m.b, B.weight);
+          if (m.bias && B.bias) getBackend().copy(m.bias, B.bias);
         }
       });
     } catch (e) {
@@ -346,7 +376,10 @@ export class AdapterCache implements AdapterPool {
     const be = getBackend();
     // the union of touched modules; every one gets the summed rank (a zero block keeps the shapes uniform)
     const modules = [...new Set(parts.flatMap((p) => [...p.host.modules.keys()]))].sort();
-    const R = parts.reduce((s, p) => s + Math.max(...[...p.host.modules.keys()].map((m) => rankAndAlpha(p.host.config, m).r)), 0);
+    const R = parts.reduce(
+      (s, p) => s + Math.max(...[...p.host.modules.keys()].map((m) => rankAndAlpha(p.host.config, m).r)),
+      0,
+    );
     const withBias = parts.some((p) => [...p.host.modules.values()].some((m) => m.bias));
     const cfg = loraConfig({
       r: R,
@@ -375,12 +408,12 @@ export class AdapterCache implements AdapterPool {
             if (mod) {
               const { r, alpha } = rankAndAlpha(p.host.config, path);
               const s = loraScaling(alpha, r, p.host.config.use_rslora) * p.weight;
-              const a = p.host.tensors.get(mod.a)!.toF32();
-              const b = p.host.tensors.get(mod.b)!.toF32();
+              const a = mod.a.toF32();
+              const b = mod.b.toF32();
               A.set(a, off * inF);
               for (let o = 0; o < outF; o++) for (let j = 0; j < r; j++) B[o * R + off + j] = s * b[o * r + j]!;
               if (bias && mod.bias) {
-                const lb = p.host.tensors.get(mod.bias)!.toF32();
+                const lb = mod.bias.toF32();
                 for (let o = 0; o < outF; o++) bias[o]! += s * lb[o]!;
               }
             }

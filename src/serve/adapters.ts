@@ -104,9 +104,13 @@ export class AdapterRegistry {
 
   checkName(name: string, param = 'lora_name'): void {
     if (!NAME.test(name))
-      throw new ApiError(400, `invalid adapter name ${JSON.stringify(name)}: use letters, digits and . _ - : / (at most 128)`, {
-        param,
-      });
+      throw new ApiError(
+        400,
+        `invalid adapter name ${JSON.stringify(name)}: use letters, digits and . _ - : / (at most 128)`,
+        {
+          param,
+        },
+      );
     if (name === this.baseName)
       throw new ApiError(400, `'${name}' is the base model's name; choose another adapter name`, { param });
   }
@@ -156,7 +160,8 @@ export class AdapterRegistry {
       }
       const root = this.roots.find((r) => inside(r, real));
       if (!root) throw outside;
-      if (!statSync(real).isDirectory()) throw new ApiError(400, "'lora_path' is not a directory", { param: 'lora_path' });
+      if (!statSync(real).isDirectory())
+        throw new ApiError(400, "'lora_path' is not a directory", { param: 'lora_path' });
       // the files read must not escape either (a symlinked adapter_model.safetensors)
       for (const f of ADAPTER_FILES) {
         const fp = join(real, f);
@@ -164,7 +169,10 @@ export class AdapterRegistry {
         if (!inside(root, realpathSync(fp))) throw outside;
       }
       if (!existsSync(join(real, 'adapter_config.json')))
-        throw new ApiError(404, "no adapter_config.json at 'lora_path'", { param: 'lora_path', code: 'adapter_not_found' });
+        throw new ApiError(404, "no adapter_config.json at 'lora_path'", {
+          param: 'lora_path',
+          code: 'adapter_not_found',
+        });
       return real;
     }
     throw new ApiError(404, "'lora_path' does not exist under the adapter roots", {
@@ -177,10 +185,14 @@ export class AdapterRegistry {
   checkRuntimeName(name: string, inplace: boolean): void {
     this.checkName(name);
     if (this.entries.has(name) && !inplace)
-      throw new ApiError(400, `The lora adapter '${name}' has already been loaded (use load_inplace: true to replace it)`, {
-        param: 'lora_name',
-        code: 'adapter_exists',
-      });
+      throw new ApiError(
+        400,
+        `The lora adapter '${name}' has already been loaded (use load_inplace: true to replace it)`,
+        {
+          param: 'lora_name',
+          code: 'adapter_exists',
+        },
+      );
   }
 
   /** A version for an adapter about to be registered (its cache entries are keyed by it). */
@@ -243,7 +255,8 @@ export class AdapterRegistry {
       }
       // a symlink out of the watched dir is not followed
       if (!inside(this.dir, real) || !existsSync(join(real, 'adapter_config.json'))) continue;
-      if (ADAPTER_FILES.some((f) => existsSync(join(real, f)) && !inside(this.dir!, realpathSync(join(real, f))))) continue;
+      if (ADAPTER_FILES.some((f) => existsSync(join(real, f)) && !inside(this.dir!, realpathSync(join(real, f)))))
+        continue;
       const old = this.entries.get(name);
       if (old && old.source !== 'dir') continue; // --adapter and runtime names win
       seen.add(name);
@@ -267,7 +280,13 @@ export class AdapterRegistry {
     this.poll = null;
   }
 
-  private put(name: string, path: string, source: AdapterSource, version = nextVersion++, stamp?: string): AdapterEntry {
+  private put(
+    name: string,
+    path: string,
+    source: AdapterSource,
+    version = nextVersion++,
+    stamp?: string,
+  ): AdapterEntry {
     const e: AdapterEntry = {
       name,
       path,

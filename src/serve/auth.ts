@@ -58,7 +58,10 @@ export class ApiKeys {
         const entry = e as { key?: unknown; models?: unknown };
         const label = `key ${i + 1} of ${source}`;
         if (!entry || typeof entry.key !== 'string') throw new ConfigError(`${label}: needs a string "key"`);
-        if (entry.models !== undefined && !(Array.isArray(entry.models) && entry.models.every((x) => typeof x === 'string')))
+        if (
+          entry.models !== undefined &&
+          !(Array.isArray(entry.models) && entry.models.every((x) => typeof x === 'string'))
+        )
           throw new ConfigError(`${label}: "models" must be a list of names`);
         into.add(entry.key, (entry.models as string[] | undefined) ?? null, label);
       });
@@ -103,7 +106,7 @@ export class ApiKeys {
 
 /** Whether a key may use a model (the base model is open to every valid key). */
 export function mayUse(key: ApiKey | null, model: string, baseName: string): boolean {
-  return !key || !key.models || model === baseName || key.models.has(model);
+  return !key?.models || model === baseName || key.models.has(model);
 }
 
 /** Whether a key may use the admin endpoints (adapter loading, metrics): auth off, or a key without a list. */

@@ -16,6 +16,7 @@ export class EngineClient {
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private nextRid = 1;
   private dead: string | null = null;
+  private closing = false;
   private exited: Promise<void>;
 
   private constructor(
@@ -88,6 +89,7 @@ export class EngineClient {
 
   /** Stops the worker (after the caller has drained the requests it wants finished). */
   async close(): Promise<void> {
+    this.closing = true;
     if (!this.dead) {
       this.send({ t: 'exit' });
       const timer = setTimeout(() => void this.worker.terminate(), 5000);
@@ -133,6 +135,7 @@ export class EngineClient {
   private die(reason: string): void {
     if (this.dead) return;
     this.dead = reason;
+    if (!this.closing) console.error(`lowrank serve: ${reason}`);
     for (const [id, h] of this.handlers)
       h({ type: 'error', id, status: 500, code: 'engine_unavailable', message: 'the engine stopped' });
     this.handlers.clear();

@@ -209,6 +209,8 @@ export class Engine {
         },
       );
     }
+    // an idle engine gives the gather buffers back (they grow with the batch and the longest sequence)
+    if (this.sched.running.length === 0) this.scratch.dispose();
     const out = this.events;
     this.events = [];
     return out;
@@ -258,7 +260,7 @@ export class Engine {
       counts: req.presencePenalty || req.frequencyPenalty ? new Map() : null,
       pending: -1,
       rng: new Rng(seed),
-      text: new TextStream(this.tokenizer, req.stop ?? []),
+      text: new TextStream(this.tokenizer, req.stop ?? [], req.prompt),
       stopIds: new Set(req.stopTokenIds ?? []),
     };
   }
@@ -287,10 +289,7 @@ export class Engine {
    * Runs one forward over rows (each feeding its tokens), then, for rows whose `done` is set (a decode
    * token or the last prompt chunk), samples the next token. On an internal error every row's request fails.
    */
-  private forward(
-    rows: { seq: Seq; tokens: number[]; done: boolean }[],
-    fed: (seq: Seq, n: number) => void,
-  ): void {
+  private forward(rows: { seq: Seq; tokens: number[]; done: boolean }[], fed: (seq: Seq, n: number) => void): void {
     // rows of one adapter next to each other: the adapter layers shrink and expand per contiguous group
     rows.sort((a, b) => (a.seq.lease?.key ?? '').localeCompare(b.seq.lease?.key ?? ''));
     let logits: Float32Array[];

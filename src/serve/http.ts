@@ -20,8 +20,8 @@ import { ConfigError } from '../core/errors.ts';
 import type { Tokenizer } from '../tokenize/tokenizer.ts';
 import type { AdapterRegistry } from './adapters.ts';
 import { type ApiKey, type ApiKeys, isAdmin, mayUse } from './auth.ts';
-import type { EngineClient } from './engine-client.ts';
 import type { AdapterSpec, EngineEvent, EngineRequest, FinishReason } from './engine.ts';
+import type { EngineClient } from './engine-client.ts';
 import { ApiError, errorBody, modelNotFound, toApiError } from './errors.ts';
 import type { ServerMetrics } from './metrics.ts';
 import {
@@ -75,6 +75,8 @@ const ROUTES: Record<string, Record<string, string>> = {
   '/health': { GET: 'health' },
   '/metrics': { GET: 'metrics' },
 };
+
+const BODY_TIMEOUT_MS = 30_000;
 
 const newId = (prefix: string) => `${prefix}-${randomBytes(12).toString('hex')}`;
 
@@ -139,9 +141,13 @@ export class ApiServer {
     try {
       if (!methods) throw new ApiError(404, `no route ${path}`, { code: 'unknown_route' });
       if (!route)
-        throw new ApiError(405, `${req.method} is not allowed on ${path} (allowed: ${Object.keys(methods).join(', ')})`, {
-          headers: { allow: Object.keys(methods).join(', ') },
-        });
+        throw new ApiError(
+          405,
+          `${req.method} is not allowed on ${path} (allowed: ${Object.keys(methods).join(', ')})`,
+          {
+            headers: { allow: Object.keys(methods).join(', ') },
+          },
+        );
       if (route === 'health') return this.health(res);
       if (this.draining) {
         res.setHeader('connection', 'close');
@@ -175,7 +181,9 @@ export class ApiServer {
     if (!key)
       throw new ApiError(
         401,
-        req.headers.authorization ? 'Incorrect API key provided.' : 'Missing API key: send it as "Authorization: Bearer KEY".',
+        req.headers.authorization
+          ? 'Incorrect API key provided.'
+          : 'Missing API key: send it as "Authorization: Bearer KEY".',
         { headers: { 'www-authenticate': 'Bearer' } },
       );
     return key;
@@ -200,6 +208,14 @@ export class ApiServer {
       const chunks: Buffer[] = [];
       let size = 0;
       let failed = false;
+      // a body that trickles in is cut off (the generation timeout starts only once the body is read)
+      const timer = setTimeout(() => {
+        if (failed) return;
+        failed = true;
+        reject(new ApiError(408, `the request body did not arrive within ${BODY_TIMEOUT_MS / 1000} s`));
+      }, BODY_TIMEOUT_MS);
+      timer.unref();
+      req.once('close', () => clearTimeout(timer));
       req.on('data', (c: Buffer) => {
         if (failed) return;
         size += c.length;
@@ -211,6 +227,7 @@ export class ApiServer {
         chunks.push(c);
       });
       req.on('end', () => {
+        clearTimeout(timer);
         if (failed) return;
         const text = Buffer.concat(chunks).toString('utf8');
         if (text.trim() === '') return reject(new ApiError(400, 'the request body is empty; send a JSON object'));
@@ -248,7 +265,7 @@ export class ApiServer {
       res.destroy();
       return;
     }
-    if (e.status === 413) res.setHeader('connection', 'close');
+    if (e.status === 413 || e.status === 408) res.setHeader('connection', 'close');
     this.sendJson(res, e.status, errorBody(e), e.headers);
   }
 
@@ -266,9 +283,9 @@ export class ApiServer {
   // ---- routes ----
 
   private health(res: ServerResponse): void {
-    if (!this.engine.healthy) return this.sendJson(res, 503, { status: 'error', reason: 'the engine stopped' });
-    if (this.draining) return this.sendJson(res, 503, { status: 'draining' });
-    this.sendJson(res, 200, { status: 'ok' });
+    if (!this.engine.healthy) this.sendJson(res, 503, { status: 'error', reason: 'the engine stopped' });
+    else if (this.draining) this.sendJson(res, 503, { status: 'draining' });
+    else this.sendJson(res, 200, { status: 'ok' });
   }
 
   private async models(res: ServerResponse, key: ApiKey | null): Promise<void> {
@@ -377,7 +394,9 @@ export class ApiServer {
       const prompts = r.prompts.map((p, i) => {
         if (typeof p === 'string') return this.tokenizer.encode(p, { addSpecialTokens: true });
         if (p.some((t) => t >= V))
-          throw new ApiError(400, `prompt ${i} holds a token id outside the vocabulary (size ${V})`, { param: 'prompt' });
+          throw new ApiError(400, `prompt ${i} holds a token id outside the vocabulary (size ${V})`, {
+            param: 'prompt',
+          });
         return p;
       });
       const echo = r.prompts.map((p) => (!r.echo ? '' : typeof p === 'string' ? p : this.tokenizer.decode(p)));
@@ -398,7 +417,13 @@ export class ApiServer {
     return { params: r, prompts: [ids], echo: [''] };
   }
 
-  private async generate(req: IncomingMessage, res: ServerResponse, key: ApiKey | null, kind: Kind, t0: number): Promise<void> {
+  private async generate(
+    req: IncomingMessage,
+    res: ServerResponse,
+    key: ApiKey | null,
+    kind: Kind,
+    t0: number,
+  ): Promise<void> {
     const body = await this.readBody(req);
     const { params: p, prompts, echo } = this.encodePrompts(kind, body);
     const adapters = this.resolveAdapters(p, key);
@@ -415,7 +440,9 @@ export class ApiServer {
     let maxTokens = p.maxTokens;
     if (maxTokens === null)
       maxTokens =
-        kind === 'completion' ? this.opts.defaultMaxTokens : Math.min(this.opts.limits.maxTokens, this.opts.maxModelLen - longest);
+        kind === 'completion'
+          ? this.opts.defaultMaxTokens
+          : Math.min(this.opts.limits.maxTokens, this.opts.maxModelLen - longest);
     if (longest + maxTokens > this.opts.maxModelLen)
       throw new ApiError(
         400,
@@ -597,9 +624,15 @@ export class ApiServer {
       frequencyPenalty: p.frequencyPenalty,
       adapters,
     };
-    jobs.forEach((j, i) => {
-      this.engine.submit({ ...base, id: j.id, prompt: prompts[i]! }, onEvent);
-    });
+    try {
+      jobs.forEach((j, i) => {
+        this.engine.submit({ ...base, id: j.id, prompt: prompts[i]! }, onEvent);
+      });
+    } catch (e) {
+      end();
+      cancelAll();
+      throw e;
+    }
   }
 }
 

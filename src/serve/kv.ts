@@ -149,14 +149,19 @@ export class BatchKV implements KVCache {
   append(l: number, k: Tensor, v: Tensor): { k: Tensor; v: Tensor } {
     const be = getBackend();
     const [B, T, H, D] = k.shape as [number, number, number, number];
-    if (B !== this.batch || T !== this.T) throw new ShapeError(`BatchKV: got k [${B}, ${T}], expected [${this.batch}, ${this.T}]`);
+    if (B !== this.batch || T !== this.T)
+      throw new ShapeError(`BatchKV: got k [${B}, ${T}], expected [${this.batch}, ${this.T}]`);
     this.rows.forEach((r, b) => {
       const past = r.kv.length;
       for (const [src, cache] of [
         [k, r.kv.k[l]!],
         [v, r.kv.v[l]!],
       ] as const) {
-        const from = src.view([1, r.add, H, D], src.strides, src.offset + b * src.strides[0]! + (T - r.add) * src.strides[1]!);
+        const from = src.view(
+          [1, r.add, H, D],
+          src.strides,
+          src.offset + b * src.strides[0]! + (T - r.add) * src.strides[1]!,
+        );
         const to = cache.view([1, r.add, H, D], cache.strides, past * cache.strides[1]!);
         be.copy(from, to);
         from.dispose();

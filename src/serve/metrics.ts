@@ -93,14 +93,33 @@ function counterLine(out: string[], name: string, help: string, rows: [Labels, n
 /** The server's metrics. Labels stay low-cardinality: route and status, and the model name. */
 export class ServerMetrics {
   readonly requests = new Counter('lowrank_requests_total', 'HTTP requests by route and status code.');
-  readonly rejected = new Counter('lowrank_requests_rejected_total', 'Requests turned away before the engine, by reason.');
+  readonly rejected = new Counter(
+    'lowrank_requests_rejected_total',
+    'Requests turned away before the engine, by reason.',
+  );
   readonly promptTokens = new Counter('lowrank_prompt_tokens_total', 'Prompt tokens of finished requests, by model.');
   readonly generationTokens = new Counter('lowrank_generation_tokens_total', 'Generated tokens, by model.');
   readonly cancelled = new Counter('lowrank_requests_cancelled_total', 'Requests cancelled (client gone or timeout).');
-  readonly requestLatency = new Histogram('lowrank_request_duration_seconds', 'Time from arrival to the last byte.', LATENCY);
-  readonly ttft = new Histogram('lowrank_time_to_first_token_seconds', 'Time from arrival to the first token.', LATENCY);
-  readonly tpot = new Histogram('lowrank_time_per_output_token_seconds', 'Decode time per token after the first.', PER_TOKEN);
-  readonly queueTime = new Histogram('lowrank_queue_time_seconds', 'Time waiting for admission into the batch.', LATENCY);
+  readonly requestLatency = new Histogram(
+    'lowrank_request_duration_seconds',
+    'Time from arrival to the last byte.',
+    LATENCY,
+  );
+  readonly ttft = new Histogram(
+    'lowrank_time_to_first_token_seconds',
+    'Time from arrival to the first token.',
+    LATENCY,
+  );
+  readonly tpot = new Histogram(
+    'lowrank_time_per_output_token_seconds',
+    'Decode time per token after the first.',
+    PER_TOKEN,
+  );
+  readonly queueTime = new Histogram(
+    'lowrank_queue_time_seconds',
+    'Time waiting for admission into the batch.',
+    LATENCY,
+  );
 
   render(stats: WorkerStats | null, http: { inflight: number; waiting: number }): string {
     const out: string[] = [];
@@ -115,8 +134,15 @@ export class ServerMetrics {
       gauge(out, 'lowrank_running_sequences', 'Sequences in the running batch.', e.running);
       gauge(out, 'lowrank_kv_cache_used_tokens', 'KV cache positions reserved by running sequences.', e.kvUsedTokens);
       gauge(out, 'lowrank_kv_cache_budget_tokens', 'KV cache positions the budget holds.', e.kvBudgetTokens);
-      gauge(out, 'lowrank_kv_cache_usage_ratio', 'Reserved share of the KV cache budget.', e.kvUsedTokens / e.kvBudgetTokens);
-      counterLine(out, 'lowrank_engine_steps_total', 'Engine iterations (decode and prefill forwards).', [[{}, e.steps]]);
+      gauge(
+        out,
+        'lowrank_kv_cache_usage_ratio',
+        'Reserved share of the KV cache budget.',
+        e.kvUsedTokens / e.kvBudgetTokens,
+      );
+      counterLine(out, 'lowrank_engine_steps_total', 'Engine iterations (decode and prefill forwards).', [
+        [{}, e.steps],
+      ]);
       gauge(out, 'lowrank_adapters_resident', 'Adapter sets resident in batch slots.', a.resident);
       gauge(out, 'lowrank_adapters_resident_max', 'Resident adapter slots (--max-loras).', a.maxResident);
       gauge(out, 'lowrank_adapters_host', 'Adapters held in host memory.', a.host);
@@ -130,7 +156,12 @@ export class ServerMetrics {
         [{ tier: 'resident' }, a.evictionsResident],
         [{ tier: 'host' }, a.evictionsHost],
       ]);
-      gauge(out, 'lowrank_engine_memory_bytes', 'Tensor memory held by the engine (weights, caches, adapters).', stats.memoryBytes);
+      gauge(
+        out,
+        'lowrank_engine_memory_bytes',
+        'Tensor memory held by the engine (weights, caches, adapters).',
+        stats.memoryBytes,
+      );
     }
     return `${out.join('\n')}\n`;
   }

@@ -30,7 +30,13 @@ export interface RequestLimits {
   maxMixture: number;
 }
 
-export const DEFAULT_LIMITS: RequestLimits = { maxTokens: 4096, maxPrompts: 16, maxStop: 16, maxMessages: 1024, maxMixture: 8 };
+export const DEFAULT_LIMITS: RequestLimits = {
+  maxTokens: 4096,
+  maxPrompts: 16,
+  maxStop: 16,
+  maxMessages: 1024,
+  maxMixture: 8,
+};
 
 /** Fields common to completions and chat requests. */
 export interface GenerationParams {
@@ -83,7 +89,8 @@ function num(b: Body, k: string, lo: number, hi: number, dflt: number, open: 'lo
 function int(b: Body, k: string, lo: number, hi: number): number | undefined {
   if (!has(b, k)) return undefined;
   const v = b[k];
-  if (typeof v !== 'number' || !Number.isInteger(v)) throw bad(k, `'${k}' must be an integer, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'number' || !Number.isInteger(v))
+    throw bad(k, `'${k}' must be an integer, got ${JSON.stringify(v)}`);
   if (v < lo || v > hi) throw bad(k, `'${k}' must be in [${lo}, ${hi}], got ${v}`);
   return v;
 }
@@ -139,7 +146,7 @@ function parseCommon(b: Body, limits: RequestLimits): GenerationParams {
   const sampling: SamplingParams = {
     temperature: num(b, 'temperature', 0, 2, 1),
     topP: num(b, 'top_p', 0, 1, 1, 'lo'),
-    topK: topK < 0 ? 0 : topK,
+    topK: Math.max(topK, 0),
     minP: num(b, 'min_p', 0, 1, 0),
     repetitionPenalty: num(b, 'repetition_penalty', 0, 2, 1, 'lo'),
   };
@@ -168,7 +175,8 @@ function parseCommon(b: Body, limits: RequestLimits): GenerationParams {
   let logitBias: Record<number, number> | undefined;
   if (has(b, 'logit_bias')) {
     const lb = b.logit_bias;
-    if (typeof lb !== 'object' || Array.isArray(lb)) throw bad('logit_bias', "'logit_bias' must map token ids to numbers");
+    if (typeof lb !== 'object' || Array.isArray(lb))
+      throw bad('logit_bias', "'logit_bias' must map token ids to numbers");
     const entries = Object.entries(lb as Body);
     if (entries.length > 1024) throw bad('logit_bias', "'logit_bias' may hold at most 1024 entries");
     logitBias = {};
@@ -248,7 +256,7 @@ export function parseChatRequest(body: unknown, limits: RequestLimits = DEFAULT_
       content = msg.content
         .map((part, j) => {
           const pt = part as Body;
-          if (!pt || pt.type !== 'text' || typeof pt.text !== 'string')
+          if (pt?.type !== 'text' || typeof pt.text !== 'string')
             throw bad(`messages[${i}].content[${j}]`, 'only text content parts ({type: "text", text}) are supported');
           return pt.text;
         })

@@ -71,7 +71,10 @@ function servedName(path: string): string {
 export async function startServer(o: ServeOptions): Promise<RunningServer> {
   const modelPath = await resolveModelPath(o.model);
   const baseName = o.servedModelName ?? servedName(modelPath);
-  const keys = ApiKeys.load(o.apiKeysFile ?? undefined, o.apiKeysEnv === undefined ? process.env.LOWRANK_API_KEYS : (o.apiKeysEnv ?? undefined));
+  const keys = ApiKeys.load(
+    o.apiKeysFile ?? undefined,
+    o.apiKeysEnv === undefined ? process.env.LOWRANK_API_KEYS : (o.apiKeysEnv ?? undefined),
+  );
   let chatTemplate: string | null = null;
   if (o.chatTemplateFile) {
     try {

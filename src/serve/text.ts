@@ -1,12 +1,18 @@
 // Generated tokens to streamed text, with stop strings: text that might be the start of a stop string is
 // held back until it is known not to be, and a stop string ends the text before it (it is not part of the
 // output, as in OpenAI's API). Same rules as models/generate.ts, incremental instead of re-decoding.
+// The decoder is seeded with the prompt's last tokens, so the text is what the generated tokens add to the
+// prompt's text: prompt + completion reads right (SentencePiece decoders drop the leading space of a first
+// token, so decoding the generated ids alone would turn "Once" + " upon" into "Onceupon").
 
 import type { StreamDecoder, Tokenizer } from '../tokenize/tokenizer.ts';
 
+/** Prompt tokens given to the decoder as context. */
+const PROMPT_CONTEXT = 6;
+
 export class TextStream {
   private readonly decoder: StreamDecoder;
-  /** Decoded text so far (before stop-string truncation). */
+  /** Decoded text of the generated tokens so far (before stop-string truncation). */
   private full = '';
   /** Characters of `full` already given out. */
   private emitted = 0;
@@ -17,9 +23,16 @@ export class TextStream {
   constructor(
     tokenizer: Tokenizer,
     private readonly stops: readonly string[],
+    prompt: readonly number[] = [],
   ) {
     this.decoder = tokenizer.streamDecoder({ skipSpecialTokens: true });
     this.maxStop = Math.max(0, ...stops.map((s) => s.length));
+    const tail = prompt.slice(-PROMPT_CONTEXT);
+    // a tail that ends inside a character would leak into the text: then decode without context
+    if (tail.length > 0 && !tokenizer.decode(tail, { skipSpecialTokens: true }).endsWith('\uFFFD')) {
+      this.decoder.push(tail);
+      this.decoder.flush();
+    }
   }
 
   /** Text given out so far. */

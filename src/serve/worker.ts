@@ -75,11 +75,14 @@ async function start(): Promise<void> {
         adapters.drop(m.name, m.keep);
         break;
       case 'stats':
-        reply(m.rid, (): WorkerStats => ({
-          engine: engine.stats(),
-          adapters: adapters.stats(),
-          memoryBytes: memoryStats().liveBytes,
-        }));
+        reply(
+          m.rid,
+          (): WorkerStats => ({
+            engine: engine.stats(),
+            adapters: adapters.stats(),
+            memoryBytes: memoryStats().liveBytes,
+          }),
+        );
         break;
       case 'exit':
         exiting = true;
@@ -94,5 +97,8 @@ async function start(): Promise<void> {
 }
 
 start().catch((e: unknown) => {
-  post({ t: 'fatal', message: e instanceof LowrankError ? `${e.name}: ${e.message}` : String((e as Error)?.stack ?? e) });
+  post({
+    t: 'fatal',
+    message: e instanceof LowrankError ? `${e.name}: ${e.message}` : String((e as Error)?.stack ?? e),
+  });
 });

@@ -94,7 +94,8 @@ export async function saveCheckpoint(a: SaveCheckpointArgs): Promise<string> {
   renameSync(tmp, final);
   if (a.saveTotalLimit) {
     const all = checkpointDirs(a.outputDir);
-    for (const c of all.slice(0, Math.max(0, all.length - a.saveTotalLimit))) rmSync(c.dir, { recursive: true, force: true });
+    for (const c of all.slice(0, Math.max(0, all.length - a.saveTotalLimit)))
+      rmSync(c.dir, { recursive: true, force: true });
   }
   return final;
 }

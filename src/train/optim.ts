@@ -1,10 +1,10 @@
 // AdamW with decoupled weight decay, gradient clipping by global norm, and learning-rate schedules
 // (constant, linear, cosine, with warmup) as transformers defines them.
 
+import { getBackend } from '../backend/index.ts';
 import { ConfigError } from '../core/errors.ts';
 import { keep } from '../core/scope.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from '../ops/create.ts';
 
 export interface AdamWOptions {
@@ -74,8 +74,7 @@ export class AdamW {
 
   state(): AdamWState {
     const moments: AdamWState['moments'] = {};
-    for (const [name] of this.params)
-      moments[name] = { m: this.m.get(name)!.toF32(), v: this.v.get(name)!.toF32() };
+    for (const [name] of this.params) moments[name] = { m: this.m.get(name)!.toF32(), v: this.v.get(name)!.toF32() };
     return { step: this.stepCount, moments };
   }
 

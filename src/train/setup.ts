@@ -10,13 +10,14 @@ import { loadModel, resolveModelPath } from '../models/load.ts';
 import { copyTokenizerFiles, saveModelHF } from '../models/save.ts';
 import { cast } from '../ops/shape.ts';
 import { noGrad } from '../ops/tape.ts';
+import { loadModelQuantized } from '../quant/load.ts';
 import { loadTokenizer } from '../tokenize/hf.ts';
 import type { Tokenizer } from '../tokenize/tokenizer.ts';
-import type { TrainConfig } from './config.ts';
-import type { TextTokenizer } from './data-format.ts';
-import { type PreparedData, prepareData } from './data.ts';
-import type { TrainTarget } from './trainer.ts';
 import { setupAdapterTraining } from './adapter-training.ts';
+import type { TrainConfig } from './config.ts';
+import { type PreparedData, prepareData } from './data.ts';
+import type { TextTokenizer } from './data-format.ts';
+import type { TrainTarget } from './trainer.ts';
 
 export interface TrainSetup {
   target: TrainTarget;
@@ -33,9 +34,14 @@ export function textTokenizer(tok: Tokenizer, chatTemplate?: string | null): Tex
     bosId: tok.bosId ?? undefined,
     eosId: tok.eosId ?? undefined,
     padId: tok.padId ?? undefined,
-    applyChatTemplate: tok.hasChatTemplate || chatTemplate
-      ? (messages, o) => tok.applyChatTemplate(messages.map((m) => ({ ...m })), { addGenerationPrompt: o.addGenerationPrompt, ...(chatTemplate ? { template: chatTemplate } : {}) })
-      : undefined,
+    applyChatTemplate:
+      tok.hasChatTemplate || chatTemplate
+        ? (messages, o) =>
+            tok.applyChatTemplate(
+              messages.map((m) => ({ ...m })),
+              { addGenerationPrompt: o.addGenerationPrompt, ...(chatTemplate ? { template: chatTemplate } : {}) },
+            )
+        : undefined,
   };
 }
 
@@ -54,12 +60,23 @@ function fullTrainable(model: LlamaForCausalLM): [string, Tensor][] {
   return model.trainableParameters();
 }
 
-export async function setupTraining(cfg: TrainConfig): Promise<TrainSetup> {
+export async function setupTraining(
+  cfg: TrainConfig,
+  log: (m: string) => void = (m) => console.warn(m),
+): Promise<TrainSetup> {
   const modelPath = await resolveModelPath(cfg.base_model);
   const tokenizer = loadTokenizer(modelPath);
   const data = prepareData(cfg, textTokenizer(tokenizer, cfg.chat_template_jinja));
   const rng = new Rng(cfg.seed);
-  const { model, config } = await loadModel(modelPath, { dtype: cfg.adapter === 'full' ? 'f32' : 'auto' });
+  const { model, config } = cfg.load_in_4bit
+    ? await loadModelQuantized(modelPath, {
+        quant_method: 'bitsandbytes',
+        load_in_4bit: true,
+        bnb_4bit_quant_type: cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant: cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype: cfg.bnb_4bit_compute_dtype === 'auto' ? 'float32' : cfg.bnb_4bit_compute_dtype,
+      })
+    : await loadModel(modelPath, { dtype: cfg.adapter === 'full' ? 'f32' : 'auto' });
   let trainable: [string, Tensor][];
   let writeArtifact: (dir: string) => Promise<void>;
   if (cfg.adapter === 'full') {
@@ -69,11 +86,12 @@ export async function setupTraining(cfg: TrainConfig): Promise<TrainSetup> {
       copyTokenizerFiles(modelPath, dir);
     };
   } else {
-    const a = await setupAdapterTraining(model, cfg, modelPath, rng);
+    const a = await setupAdapterTraining(model, cfg, cfg.base_model, rng, log);
     trainable = a.trainable;
     writeArtifact = a.writeArtifact;
   }
-  if (trainable.length === 0) throw new ConfigError(`${cfg.config_path}: the adapter settings select no module to train`);
+  if (trainable.length === 0)
+    throw new ConfigError(`${cfg.config_path}: the adapter settings select no module to train`);
   const padId = tokenizer.padId ?? tokenizer.eosId ?? 0;
   const total = model.numParameters();
   const nTrain = trainable.reduce((s, [, p]) => s + p.size, 0);
@@ -85,4 +103,3 @@ export async function setupTraining(cfg: TrainConfig): Promise<TrainSetup> {
     params: { total, trainable: nTrain },
   };
 }
-

@@ -361,9 +361,9 @@ export function scoreOutputs(
 // Evaluation
 // ---------------------------------------------------------------------------------------------------------
 
-/** Generated tokens for an example: the reference's length with 50% + 16 slack, capped. */
+/** Generated tokens for an example: the reference's length with 25% + 16 tokens of slack, capped. */
 export function generationBudget(referenceTokens: number, cap: number): number {
-  return Math.max(1, Math.min(cap, Math.ceil(referenceTokens * 1.5) + 16));
+  return Math.max(1, Math.min(cap, Math.ceil(referenceTokens * 1.25) + 16));
 }
 
 /**
@@ -460,7 +460,7 @@ export function modelGenerator(
   model: LlamaForCausalLM,
   tok: TaskTokenizer & { eosIds?: ReadonlySet<number> | readonly number[]; eosId?: number | null },
   opts: ModelGeneratorOptions = {},
-): TaskGenerator {
+): (requests: readonly TaskRequest[]) => string[] {
   const eosIds = [
     ...new Set([
       ...(tok.eosIds ? [...tok.eosIds] : []),
@@ -469,8 +469,10 @@ export function modelGenerator(
     ]),
   ];
   const batchSize = Math.max(1, opts.batchSize ?? 8);
-  return (requests) => {
-    const order = requests.map((_, i) => i).sort((a, b) => requests[a]!.promptIds.length - requests[b]!.promptIds.length);
+  return (requests: readonly TaskRequest[]): string[] => {
+    const order = requests
+      .map((_, i) => i)
+      .sort((a, b) => requests[a]!.promptIds.length - requests[b]!.promptIds.length);
     const out = new Array<string>(requests.length);
     const wasTraining = model.training;
     model.eval();

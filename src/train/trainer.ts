@@ -6,7 +6,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { DataError, LowrankError } from '../core/errors.ts';
-import { Rng } from '../core/rng.ts';
+import type { Rng } from '../core/rng.ts';
 import { tidy } from '../core/scope.ts';
 import { memoryStats, resetPeakMemory } from '../core/storage.ts';
 import type { Tensor } from '../core/tensor.ts';
@@ -17,10 +17,17 @@ import { intTensor } from '../ops/create.ts';
 import { crossEntropy } from '../ops/loss.ts';
 import { reshape } from '../ops/shape.ts';
 import { backward, noGrad } from '../ops/tape.ts';
-import { cleanPartialCheckpoints, latestCheckpoint, loadCheckpoint, type MetricRecord, saveCheckpoint, type TrainerState } from './checkpoint.ts';
+import {
+  cleanPartialCheckpoints,
+  latestCheckpoint,
+  loadCheckpoint,
+  type MetricRecord,
+  saveCheckpoint,
+  type TrainerState,
+} from './checkpoint.ts';
 import { planSteps, serializeTrainConfig, type TrainConfig } from './config.ts';
-import type { Batch, DataLoader } from './data-pack.ts';
 import { createLoaders, type PreparedData } from './data.ts';
+import type { Batch, DataLoader } from './data-pack.ts';
 import { AdamW, clipFactor, gradNorm, lrLambda } from './optim.ts';
 
 /** The model with its trainable tensors and how to save the result (set up by adapter-setup.ts). */
@@ -34,15 +41,21 @@ export interface TrainTarget {
   padId: number;
 }
 
-export interface TrainLog {
-  (line: string): void;
-}
+export type TrainLog = (line: string) => void;
 
 export interface TrainOptions {
   /** Resume from this checkpoint dir, or true for the latest in output_dir. */
   resume?: string | boolean;
   log?: TrainLog;
-  onProgress?: (p: { step: number; total: number; loss: number; lr: number; tokensPerSecond: number; etaSeconds: number; gradNorm?: number }) => void;
+  onProgress?: (p: {
+    step: number;
+    total: number;
+    loss: number;
+    lr: number;
+    tokensPerSecond: number;
+    etaSeconds: number;
+    gradNorm?: number;
+  }) => void;
   /** Stop with an error after this many consecutive skipped (non-finite) steps. Default 10. */
   maxNonFinite?: number;
 }
@@ -115,7 +128,12 @@ function layerParams(layer: { trainableParameters(): [string, Tensor][] }): Tens
   return layer.trainableParameters().map(([, p]) => p);
 }
 
-export async function runTraining(cfg: TrainConfig, target: TrainTarget, data: PreparedData, opts: TrainOptions = {}): Promise<TrainSummary> {
+export async function runTraining(
+  cfg: TrainConfig,
+  target: TrainTarget,
+  data: PreparedData,
+  opts: TrainOptions = {},
+): Promise<TrainSummary> {
   const log = opts.log ?? ((l: string) => process.stderr.write(`${l}\n`));
   const { model, trainable, rng } = target;
   if (trainable.length === 0) throw new LowrankError('nothing to train: no parameter requires a gradient');
@@ -132,7 +150,8 @@ export async function runTraining(cfg: TrainConfig, target: TrainTarget, data: P
     weightDecay: cfg.weight_decay,
   });
   if (cfg.gradient_checkpointing)
-    model.layerRunner = (layer, x, ctx, invFreq) => checkpoint((h) => layer.forward(h, ctx, invFreq), x, layerParams(layer), rng);
+    model.layerRunner = (layer, x, ctx, invFreq) =>
+      checkpoint((h) => layer.forward(h, ctx, invFreq), x, layerParams(layer), rng);
   let state: TrainerState = {
     step: 0,
     epoch: 0,
@@ -155,7 +174,10 @@ export async function runTraining(cfg: TrainConfig, target: TrainTarget, data: P
   }
   const configYaml = serializeTrainConfig(cfg);
   const writeMetrics = () =>
-    writeFileAtomic(join(out, 'metrics.jsonl'), state.history.map((r) => JSON.stringify(r)).join('\n') + (state.history.length ? '\n' : ''));
+    writeFileAtomic(
+      join(out, 'metrics.jsonl'),
+      state.history.map((r) => JSON.stringify(r)).join('\n') + (state.history.length ? '\n' : ''),
+    );
   const save = async () => {
     state.rng = rng.state();
     state.data = loaders.train.position;
@@ -193,9 +215,10 @@ export async function runTraining(cfg: TrainConfig, target: TrainTarget, data: P
 
   while (state.step < plan.totalSteps) {
     const lrNow = cfg.learning_rate * lrLambda(cfg.lr_scheduler, state.step, plan.warmupSteps, plan.totalSteps);
-    const lr = cfg.lr_scheduler === 'cosine' && cfg.cosine_min_lr_ratio > 0
-      ? Math.max(lrNow, state.step < plan.warmupSteps ? 0 : cfg.learning_rate * cfg.cosine_min_lr_ratio)
-      : lrNow;
+    const lr =
+      cfg.lr_scheduler === 'cosine' && cfg.cosine_min_lr_ratio > 0
+        ? Math.max(lrNow, state.step < plan.warmupSteps ? 0 : cfg.learning_rate * cfg.cosine_min_lr_ratio)
+        : lrNow;
     // gather the accumulation group: its trainable-token count normalises the summed loss
     const micro: { b: Batch; targets: Int32Array }[] = [];
     for (let k = 0; k < cfg.gradient_accumulation_steps; k++) {
@@ -223,7 +246,9 @@ export async function runTraining(cfg: TrainConfig, target: TrainTarget, data: P
       opt.zeroGrad();
       state.nonFiniteSkipped++;
       consecutiveBad++;
-      log(`step ${state.step + 1}: non-finite ${Number.isFinite(loss) ? 'gradient' : 'loss'}; skipped (${consecutiveBad} in a row)`);
+      log(
+        `step ${state.step + 1}: non-finite ${Number.isFinite(loss) ? 'gradient' : 'loss'}; skipped (${consecutiveBad} in a row)`,
+      );
       if (consecutiveBad >= maxBad)
         throw new DataError(
           `training stopped: ${consecutiveBad} steps in a row had a non-finite loss or gradient. Lower learning_rate (now ${cfg.learning_rate}), set max_grad_norm, or check the data for degenerate examples`,
@@ -243,7 +268,15 @@ export async function runTraining(cfg: TrainConfig, target: TrainTarget, data: P
     const tps = tokensThisRun / Math.max(elapsed, 1e-9);
     stepsThisRun++;
     const eta = ((plan.totalSteps - state.step) * elapsed) / stepsThisRun;
-    opts.onProgress?.({ step: state.step, total: plan.totalSteps, loss, lr, tokensPerSecond: tps, etaSeconds: eta, gradNorm: norm });
+    opts.onProgress?.({
+      step: state.step,
+      total: plan.totalSteps,
+      loss,
+      lr,
+      tokensPerSecond: tps,
+      etaSeconds: eta,
+      gradNorm: norm,
+    });
     if (state.step % plan.loggingSteps === 0 || state.step === plan.totalSteps) {
       const rec: MetricRecord = {
         step: state.step,
@@ -257,7 +290,9 @@ export async function runTraining(cfg: TrainConfig, target: TrainTarget, data: P
       state.history.push(rec);
       windowLoss = 0;
       windowSteps = 0;
-      log(`step ${state.step}/${plan.totalSteps} loss ${(rec.loss as number).toFixed(4)} lr ${lr.toExponential(2)} grad_norm ${norm.toFixed(3)} ${Math.round(tps)} tok/s`);
+      log(
+        `step ${state.step}/${plan.totalSteps} loss ${(rec.loss as number).toFixed(4)} lr ${lr.toExponential(2)} grad_norm ${norm.toFixed(3)} ${Math.round(tps)} tok/s`,
+      );
     }
     if (plan.evalSteps && (state.step % plan.evalSteps === 0 || state.step === plan.totalSteps)) {
       lastEval = runEval();

@@ -6,7 +6,11 @@ import { LowrankError } from '../core/errors.ts';
 import { loadTrainConfig } from './config.ts';
 import { runJob } from './job.ts';
 
-const { configPath, overrides, resume } = workerData as { configPath: string; overrides: string[]; resume: string | boolean };
+const { configPath, overrides, resume } = workerData as {
+  configPath: string;
+  overrides: string[];
+  resume: string | boolean;
+};
 const post = (m: unknown) => parentPort!.postMessage(m);
 try {
   const cfg = loadTrainConfig(configPath, overrides);

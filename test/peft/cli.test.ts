@@ -12,6 +12,8 @@ import { saveModelHF } from '../../src/models/save.ts';
 import { loadAdapter, saveAdapter } from '../../src/peft/lora/io.ts';
 import { saveMergedGguf } from '../../src/peft/lora/merge.ts';
 import { LoraModel } from '../../src/peft/lora/model.ts';
+import { loadModelQuantized, qloraConfig } from '../../src/quant/load.ts';
+import { saveModelQuantized } from '../../src/quant/save.ts';
 import { loadTokenizer } from '../../src/tokenize/hf.ts';
 import { writeByteLevelTokenizer } from '../../src/tokenize/synthetic.ts';
 import { logitsOf, maxRelDiff, randomizeAdapters, STORIES, skipUnlessExists, tinyModel } from './helpers.ts';
@@ -121,4 +123,28 @@ test('merged export of an HF model as GGUF carries hyperparameters and the byte-
   const text = 'Hello, wörld! <|im_end|>';
   assert.deepEqual(t2.encode(text), t1.encode(text));
   assert.equal(t2.eosId, t1.eosId);
+});
+
+test('lowrank merge of a QLoRA adapter into its bnb-4bit base writes dense weights equal to the adapted model', async () => {
+  const src = join(tmp, 'tiny-for-4bit');
+  const m = tinyModel(11, { hidden_size: 32, intermediate_size: 64, vocab_size: 300 });
+  await saveModelHF(m.namedParameters(), m.config, src);
+  writeByteLevelTokenizer(src, 300);
+  const q4 = join(tmp, 'tiny-4bit');
+  const { model: qm } = await loadModelQuantized(src, qloraConfig());
+  await saveModelQuantized(qm, qm.config, q4, { tokenizerFrom: src });
+  const { model } = await loadModelQuantized(q4);
+  const pm = new LoraModel(model, { target_modules: 'all-linear', r: 4 }, 'default', {
+    rng: new Rng(2),
+    onWarning: () => {},
+  });
+  randomizeAdapters(pm.namedParameters(), 5);
+  const want = logitsOf(model);
+  const adir = join(tmp, 'qlora-adapter');
+  await saveAdapter(pm, adir);
+  const out = join(tmp, 'qlora-merged');
+  lowrank('merge', '--model', q4, '--adapter', adir, '--out', out, '--dtype', 'f32');
+  const merged = await loadModel(out);
+  assert.ok(maxRelDiff(logitsOf(merged.model), want) < 1e-5);
+  assert.ok(existsSync(join(out, 'tokenizer.json')));
 });

@@ -9,7 +9,7 @@ import { openSafetensors } from '../../src/formats/safetensors.ts';
 import { ADAPTER_CONFIG_KEYS } from '../../src/peft/lora/config.ts';
 import { loadAdapter, removeAdapterName, saveAdapter } from '../../src/peft/lora/io.ts';
 import { LoraModel } from '../../src/peft/lora/model.ts';
-import { logitsOf, randomizeAdapters, tinyModel } from './helpers.ts';
+import { logitsOf, maxRelDiff, randomizeAdapters, tinyModel } from './helpers.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'lowrank-peft-io-'));
 after(() => rmSync(tmp, { recursive: true, force: true }));
@@ -187,4 +187,49 @@ test('loading tolerates unknown config fields with a warning and refuses bad one
     [...m3.namedParameters()].some(([n]) => n.includes('lora')),
     false,
   );
+});
+
+test('lora_bias and bias="all"/"lora_only": merged like PEFT, saved under PEFT keys', async () => {
+  const m = tinyModel(5, { attention_bias: true });
+  const pm = new LoraModel(m, { target_modules: ['q_proj', 'k_proj'], lora_bias: true, bias: 'lora_only' }, 'default', {
+    rng: new Rng(2),
+  });
+  randomizeAdapters(pm.namedParameters(), 6);
+  const trainable = pm.trainableParameters().map(([n]) => n);
+  assert.ok(trainable.includes('base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.bias'));
+  assert.ok(
+    trainable.includes('base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias'),
+    'lora_only bias trains',
+  );
+  assert.ok(!trainable.some((n) => n.includes('v_proj')), 'v_proj (not adapted) bias stays frozen');
+  const want = logitsOf(m);
+  const dir = join(tmp, 'bias');
+  await saveAdapter(pm, dir);
+  const r = openSafetensors(join(dir, 'adapter_model.safetensors'));
+  const keys = r.names();
+  r.close();
+  assert.ok(keys.includes('base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias'));
+  assert.ok(keys.includes('base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias'));
+  assert.ok(!keys.some((k) => k.includes('v_proj')));
+  pm.merge();
+  assert.ok(maxRelDiff(logitsOf(m), want) < 1e-5);
+  pm.unmerge();
+  const m2 = tinyModel(5, { attention_bias: true });
+  loadAdapter(m2, dir, quiet);
+  assert.deepEqual(logitsOf(m2), want);
+  // bias = 'all' saves every bias
+  const pa = new LoraModel(
+    tinyModel(5, { attention_bias: true }),
+    { target_modules: ['q_proj'], bias: 'all' },
+    'default',
+    {
+      rng: new Rng(2),
+    },
+  );
+  const d2 = join(tmp, 'bias-all');
+  await saveAdapter(pa, d2);
+  const r2 = openSafetensors(join(d2, 'adapter_model.safetensors'));
+  assert.ok(r2.names().includes('base_model.model.model.layers.1.self_attn.v_proj.bias'));
+  assert.ok(r2.names().includes('base_model.model.model.layers.1.self_attn.q_proj.base_layer.bias'));
+  r2.close();
 });

@@ -2,15 +2,15 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ConfigError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
+import { tidy } from '../../src/core/scope.ts';
 import { memoryStats } from '../../src/core/storage.ts';
 import { generateBatch } from '../../src/models/generate.ts';
-import { Linear } from '../../src/nn/layers.ts';
-import { Linear4bit } from '../../src/quant/linear4bit.ts';
-import { tidy } from '../../src/core/scope.ts';
+import type { Linear } from '../../src/nn/layers.ts';
 import { intTensor } from '../../src/ops/create.ts';
 import { backward } from '../../src/ops/tape.ts';
 import { LoraEmbedding, LoraLinear, MergeError, ModulesToSaveWrapper } from '../../src/peft/lora/layer.ts';
 import { LoraModel } from '../../src/peft/lora/model.ts';
+import { Linear4bit } from '../../src/quant/linear4bit.ts';
 import { IDS, logitsOf, maxAbsDiff, maxRelDiff, randomizeAdapters, tinyModel } from './helpers.ts';
 
 const quiet = { onWarning: () => {} };
@@ -87,14 +87,20 @@ test('merge equals the unmerged adapter (1e-5 rel), unmerge restores the base (1
 
 test('safe merge refuses non-finite weights and leaves the model unchanged', () => {
   const pm = new LoraModel(tinyModel(), { target_modules: ['q_proj'] }, 'default', { rng: new Rng(1) });
+  randomizeAdapters(pm.namedParameters());
+  const q0 = pm.model.getModule('model.layers.0.self_attn.q_proj') as LoraLinear;
   const q = pm.model.getModule('model.layers.1.self_attn.q_proj') as LoraLinear;
   (q.loraB.get('default')!.weight.data as Float32Array)[3] = Number.NaN;
+  const w00 = q0.weight.toF32();
   const w0 = q.weight.toF32();
   assert.throws(
     () => pm.merge(undefined, { safe: true }),
-    (e: unknown) => e instanceof MergeError && /non-finite/.test((e as Error).message),
+    (e: unknown) => e instanceof MergeError && /layers\.1\.self_attn\.q_proj.*non-finite/.test((e as Error).message),
   );
   assert.deepEqual(q.weight.toF32(), w0);
+  // layer 0 was merged before layer 1 failed: it is rolled back
+  assert.ok(pm.adapterLayers().every(([, l]) => l.merged.length === 0));
+  assert.ok(maxAbsDiff(q0.weight.toF32(), w00) < 1e-6);
 });
 
 test('several adapters: add (inactive), stack with weights, disable, delete', () => {
@@ -217,7 +223,9 @@ test('target matching errors name the problem', () => {
 
 test('training steps (LoRA, DoRA, dropout) and mixed-batch forwards do not grow memory', () => {
   const m = tinyModel(8);
-  const pm = new LoraModel(m, { target_modules: ['q_proj', 'up_proj', 'embed_tokens'], lora_dropout: 0.2 }, 'a', { rng: new Rng(2) });
+  const pm = new LoraModel(m, { target_modules: ['q_proj', 'up_proj', 'embed_tokens'], lora_dropout: 0.2 }, 'a', {
+    rng: new Rng(2),
+  });
   pm.addAdapter('d', { target_modules: ['v_proj', 'down_proj'], use_dora: true, lora_dropout: 0.1 });
   randomizeAdapters(pm.namedParameters(), 3);
   const ids = intTensor(IDS.flat(), [2, 6]);
@@ -242,12 +250,19 @@ test('training steps (LoRA, DoRA, dropout) and mixed-batch forwards do not grow 
   assert.equal(memoryStats().liveStorages, b2, 'a mixed-batch forward leaked storage');
 });
 
-test('batched generation with per-row adapters gives each row its adapter\'s tokens', () => {
+test("batched generation with per-row adapters gives each row its adapter's tokens", () => {
   const m = tinyModel(9);
-  const pm = new LoraModel(m, { target_modules: ['q_proj', 'v_proj', 'o_proj'], r: 4 }, 'a', { rng: new Rng(3), ...quiet });
+  const pm = new LoraModel(m, { target_modules: ['q_proj', 'v_proj', 'o_proj'], r: 4 }, 'a', {
+    rng: new Rng(3),
+    ...quiet,
+  });
   pm.addAdapter('b', { target_modules: ['gate_proj', 'down_proj'], r: 4, lora_alpha: 64 });
   randomizeAdapters(pm.namedParameters(), 11, 0.5);
-  const prompts = [[3, 9, 4], [7, 1, 2, 5, 6], [3, 9, 4]];
+  const prompts = [
+    [3, 9, 4],
+    [7, 1, 2, 5, 6],
+    [3, 9, 4],
+  ];
   const rows = ['a', 'b', null];
   const batch = generateBatch(m, prompts, { maxTokens: 6, temperature: 0, adapterRows: rows });
   rows.forEach((r, i) => {

@@ -5,6 +5,7 @@ import { getBackend, jsBackend, setBackend } from '../../src/backend/index.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { tidy } from '../../src/core/scope.ts';
 import type { Tensor } from '../../src/core/tensor.ts';
+import { Embedding, Linear } from '../../src/nn/layers.ts';
 import { intTensor, tensor } from '../../src/ops/create.ts';
 import { dropout } from '../../src/ops/dropout.ts';
 import { add, mul, scale } from '../../src/ops/elementwise.ts';
@@ -12,6 +13,7 @@ import { linear, matmul } from '../../src/ops/matmul.ts';
 import { sum } from '../../src/ops/reduce.ts';
 import { cast, slice, transpose } from '../../src/ops/shape.ts';
 import { backward, noGrad } from '../../src/ops/tape.ts';
+import { AdapterRuntime, LoraEmbedding, LoraLinear } from '../../src/peft/lora/layer.ts';
 import { addRowsAt, doraLinear, doraWeightNorm, loraLinear, loraMixedRows } from '../../src/peft/lora/ops.ts';
 import { gradcheck, randomTensor } from '../helpers/gradcheck.ts';
 
@@ -282,4 +284,36 @@ test('loraMixedRows: per-row adapters, one shrink and one expand per group, exac
       ]),
     [R([5, 2, 4]), x, A1, B1, A2, B2],
   );
+});
+
+test('adapter layer forwards have the right gradients: embedding LoRA, DoRA after LoRA (stacked), DoRA embedding', () => {
+  const rt = new AdapterRuntime(new Rng(1));
+  const ad = (r: number, useDora: boolean) => ({ r, alpha: 2 * r, scaling: 2, useDora, dropout: 0, loraBias: false });
+  // a LoRA adapter then a DoRA adapter on one linear layer
+  const lin = new LoraLinear(new Linear(5, 4, { rng: new Rng(2), bias: true }), rt, 'lin');
+  lin.addAdapter('a', ad(2, false), R([2, 5]), R([4, 2]), null);
+  lin.addAdapter('d', ad(2, true), R([2, 5], 1, false), R([4, 2], 1, false), null);
+  rt.active = ['a', 'd'];
+  const m = lin.magnitude.get('d')!.weight;
+  m.requiresGrad = true;
+  const A = lin.loraA.get('a')!.weight;
+  const B = lin.loraB.get('a')!.weight;
+  A.requiresGrad = true;
+  B.requiresGrad = true;
+  gradcheck('stacked LoRA + DoRA', (x) => lin.forward(x!), [R([3, 5]), A, B, m]);
+  // embedding LoRA and DoRA
+  const emb = new LoraEmbedding(new Embedding(7, 3, { rng: new Rng(3) }), rt, 'emb');
+  emb.addAdapter('e', ad(2, false), R([2, 7]), R([3, 2]));
+  emb.addAdapter('f', ad(2, true), R([2, 7], 1, false), R([3, 2], 1, false));
+  const ids = intTensor([1, 6, 0, 6], [2, 2]);
+  rt.active = ['e'];
+  const eA = emb.embA.get('e')!;
+  const eB = emb.embB.get('e')!;
+  eA.requiresGrad = true;
+  eB.requiresGrad = true;
+  gradcheck('embedding LoRA', () => emb.forward(ids), [eA, eB]);
+  rt.active = ['e', 'f'];
+  const fm = emb.magnitude.get('f')!.weight;
+  fm.requiresGrad = true;
+  gradcheck('embedding LoRA + DoRA', () => emb.forward(ids), [eA, eB, fm]);
 });

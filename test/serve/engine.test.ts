@@ -2,10 +2,11 @@
 // batches mixing adapters equal each adapter alone, admission control, cancellation, stops, the scheduler.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import type { RequestError } from '../../src/core/errors.ts';
 import { generate } from '../../src/models/generate.ts';
 import { loadModel } from '../../src/models/load.ts';
 import { DEFAULT_SAMPLING, type SamplingParams } from '../../src/models/sampling.ts';
@@ -14,10 +15,16 @@ import { AdapterCache } from '../../src/serve/adapter-cache.ts';
 import { Engine, type EngineEvent, type EngineOptions, type EngineRequest } from '../../src/serve/engine.ts';
 import { Scheduler } from '../../src/serve/scheduler.ts';
 import { loadTokenizer } from '../../src/tokenize/hf.ts';
-import { skipNoStories, STORIES, writeAdapter } from './helpers.ts';
+import { continuation, STORIES, skipNoStories, writeAdapter } from './helpers.ts';
 
 const GREEDY: SamplingParams = { ...DEFAULT_SAMPLING, temperature: 0 };
-const OPTS: EngineOptions = { maxNumSeqs: 4, kvBudgetTokens: 10_000, prefillChunk: 8, starvationMs: 1000, maxModelLen: 512 };
+const OPTS: EngineOptions = {
+  maxNumSeqs: 4,
+  kvBudgetTokens: 10_000,
+  prefillChunk: 8,
+  starvationMs: 1000,
+  maxModelLen: 512,
+};
 const tmp = mkdtempSync(join(tmpdir(), 'lowrank-engine-'));
 after(() => rmSync(tmp, { recursive: true, force: true }));
 
@@ -53,7 +60,9 @@ const req = (id: string, prompt: number[], maxTokens: number, more: Partial<Engi
   ...more,
 });
 
-test('continuous batching with chunked prefill gives exactly the text of generate()', { skip: skipNoStories }, async () => {
+test('continuous batching with chunked prefill gives exactly the tokens of generate()', {
+  skip: skipNoStories,
+}, async () => {
   const { model } = await loadModel(STORIES);
   const tok = loadTokenizer(STORIES);
   const prompts = [
@@ -75,7 +84,7 @@ test('continuous batching with chunked prefill gives exactly the text of generat
   prompts.forEach((p, i) => {
     const ref = generate(model, tok, tok.encode(p), { maxTokens: lens[i], temperature: 0 });
     const o = out.get(`r${i}`)!;
-    assert.equal(o.text, ref.text, `prompt ${i}`);
+    assert.equal(o.text, continuation(tok, tok.encode(p), ref.tokens), `prompt ${i}`);
     const done = o.events.find((e) => e.type === 'done');
     assert.ok(done && done.type === 'done');
     assert.equal(done.finishReason, ref.finishReason);
@@ -87,7 +96,9 @@ test('continuous batching with chunked prefill gives exactly the text of generat
   model.dispose();
 });
 
-test('seeded sampling equals generate() with the same seed and parameters', { skip: skipNoStories }, async () => {
+test('seeded sampling gives the tokens of generate() with the same seed and parameters', {
+  skip: skipNoStories,
+}, async () => {
   const { model } = await loadModel(STORIES);
   const tok = loadTokenizer(STORIES);
   const engine = new Engine(model, tok, null, OPTS);
@@ -97,21 +108,26 @@ test('seeded sampling equals generate() with the same seed and parameters', { sk
   engine.submit(req('b', tok.encode('The cat'), 30, { sampling, seed: 99 }));
   const out = drive(engine);
   const ref = generate(model, tok, ids, { maxTokens: 30, seed: 1234, ...sampling });
-  assert.equal(out.get('a')!.text, ref.text);
+  assert.equal(out.get('a')!.text, continuation(tok, ids, ref.tokens));
   engine.dispose();
   model.dispose();
 });
 
 test('a batch mixing adapters and the base gives each row what it gives alone', { skip: skipNoStories }, async () => {
   const a = writeAdapter(join(tmp, 'a'), { seed: 11, r: 4, std: 0.15 });
-  const b = writeAdapter(join(tmp, 'b'), { seed: 12, r: 8, std: 0.15, targets: ['k_proj', 'o_proj', 'gate_proj', 'up_proj'] });
+  const b = writeAdapter(join(tmp, 'b'), {
+    seed: 12,
+    r: 8,
+    std: 0.15,
+    targets: ['k_proj', 'o_proj', 'gate_proj', 'up_proj'],
+  });
   const tok = loadTokenizer(STORIES);
   const ids = tok.encode('Once upon a time');
   // references: PEFT-style loading into a plain model, one adapter at a time
   const ref = async (dir: string | null, weight = 1) => {
     const { model } = await loadModel(STORIES);
     if (dir) loadAdapter(model, dir, { adapterName: 'x' }).setAdapter('x', [weight]);
-    const text = generate(model, tok, ids, { maxTokens: 20, temperature: 0 }).text;
+    const text = continuation(tok, ids, generate(model, tok, ids, { maxTokens: 20, temperature: 0 }).tokens);
     model.dispose();
     return text;
   };
@@ -169,7 +185,9 @@ test('admission control: requests wait while their KV reservation would not fit'
   model.dispose();
 });
 
-test('cancel frees a running request at once; stop strings end the text before them', { skip: skipNoStories }, async () => {
+test('cancel frees a running request at once; stop strings end the text before them', {
+  skip: skipNoStories,
+}, async () => {
   const { model } = await loadModel(STORIES);
   const tok = loadTokenizer(STORIES);
   const engine = new Engine(model, tok, null, OPTS);
@@ -192,14 +210,34 @@ test('cancel frees a running request at once; stop strings end the text before t
   const first = generate(model, tok, ids, { maxTokens: 3, temperature: 0 }).tokens;
   engine.submit(req('tok', ids, 40, { stopTokenIds: [first[2]!] }));
   const t = drive(engine).get('tok')!;
-  assert.equal(t.text, tok.decode(first.slice(0, 2)));
+  assert.equal(t.text, continuation(tok, ids, first.slice(0, 2)));
+  // the completion continues the prompt's text: "Once" + " upon", not "upon"
+  const once = tok.encode('Once');
+  engine.submit(req('space', once, 3));
+  const sp = drive(engine).get('space')!.text;
+  assert.equal(sp, continuation(tok, once, generate(model, tok, once, { maxTokens: 3, temperature: 0 }).tokens));
+  assert.ok(sp.startsWith(' '), JSON.stringify(sp));
   engine.dispose();
   model.dispose();
 });
 
 test('scheduler: a request blocked on adapter slots is overtaken until it has waited starvationMs', () => {
-  type S = { reserve: number; promptLength: number; prefilled: number; arrival: number; state: 'waiting' | 'prefill' | 'decode' | 'done'; id: string };
-  const mk = (id: string, arrival: number): S => ({ id, reserve: 10, promptLength: 4, prefilled: 0, arrival, state: 'waiting' });
+  type S = {
+    reserve: number;
+    promptLength: number;
+    prefilled: number;
+    arrival: number;
+    state: 'waiting' | 'prefill' | 'decode' | 'done';
+    id: string;
+  };
+  const mk = (id: string, arrival: number): S => ({
+    id,
+    reserve: 10,
+    promptLength: 4,
+    prefilled: 0,
+    arrival,
+    state: 'waiting',
+  });
   const sched = new Scheduler<S>({ maxNumSeqs: 8, kvBudgetTokens: 1000, prefillChunk: 16, starvationMs: 100 });
   const blocked = mk('blocked', 0);
   sched.enqueue(blocked);
@@ -217,7 +255,10 @@ test('scheduler: a request blocked on adapter slots is overtaken until it has wa
   const s2 = new Scheduler<S>({ maxNumSeqs: 8, kvBudgetTokens: 15, prefillChunk: 16, starvationMs: 100 });
   s2.enqueue({ ...mk('big', 0), reserve: 20 });
   s2.enqueue(mk('small', 1));
-  assert.deepEqual(s2.admit(0, () => 'ok'), []);
+  assert.deepEqual(
+    s2.admit(0, () => 'ok'),
+    [],
+  );
   // prefill groups stay within the chunk budget
   const s3 = new Scheduler<S>({ maxNumSeqs: 8, kvBudgetTokens: 1000, prefillChunk: 10, starvationMs: 100 });
   for (const [id, n] of [
@@ -231,4 +272,46 @@ test('scheduler: a request blocked on adapter slots is overtaken until it has wa
     groups.flat().reduce((s, g) => s + g.n, 0),
     10,
   );
+});
+
+test('adapter cache: LRU in both tiers, held sets are never evicted, replaced ones go on their last release', {
+  skip: skipNoStories,
+}, async () => {
+  const { model } = await loadModel(STORIES);
+  const dirs = ['a', 'b', 'c'].map((n, i) => writeAdapter(join(tmp, `lru-${n}`), { seed: 20 + i, r: 2 + 2 * i }));
+  const ref = (i: number, version = 1) => ({ name: 'abc'[i]!, version, path: dirs[i]!, weight: 1 });
+  const cache = new AdapterCache(model, { maxLoras: 2, maxCpuLoras: 2, maxCpuLoraBytes: 1e9 });
+  const la = cache.acquire([ref(0)])!;
+  const lb = cache.acquire([ref(1)])!;
+  // both slots held: a third set must wait
+  assert.equal(cache.acquire([ref(2)]), null);
+  cache.release(la);
+  const lc = cache.acquire([ref(2)])!; // evicts a (resident) and, with 3 in host memory, a's host copy
+  let s = cache.stats();
+  assert.deepEqual([s.loads, s.evictionsResident, s.evictionsHost, s.resident, s.host], [3, 1, 1, 2, 2]);
+  assert.deepEqual(s.residentNames, ['b', 'c']);
+  cache.release(lc);
+  assert.equal(cache.acquire([ref(1)]), lb, 'a resident hit is the same set');
+  assert.equal(cache.stats().hitsResident, 1);
+  // b is replaced while two leases hold it: it leaves the cache but stays in the model until released
+  cache.drop('b', 2);
+  s = cache.stats();
+  assert.equal(s.resident, 2);
+  assert.deepEqual(s.residentNames, ['c']);
+  cache.release(lb);
+  cache.release(lb);
+  assert.equal(cache.stats().resident, 1);
+  // a broken adapter: a 400 that names the adapter, not the server path
+  const bad = join(tmp, 'lru-bad');
+  writeAdapter(bad, { seed: 1 });
+  writeFileSync(join(bad, 'adapter_model.safetensors'), 'not safetensors');
+  assert.throws(
+    () => cache.preload({ name: 'bad', version: 1, path: bad }),
+    (e: RequestError) => e.status === 400 && e.message.includes("adapter 'bad'") && !e.message.includes(tmp),
+  );
+  // refused kinds
+  const dora = writeAdapter(join(tmp, 'lru-dora'), { extraConfig: { use_dora: true } });
+  assert.throws(() => cache.preload({ name: 'dora', version: 1, path: dora }), /DoRA/);
+  cache.dispose();
+  model.dispose();
 });

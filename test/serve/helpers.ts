@@ -8,6 +8,7 @@ import OpenAI from 'openai';
 import { Rng } from '../../src/core/rng.ts';
 import { saveSafetensorsSync } from '../../src/formats/safetensors.ts';
 import { type RunningServer, type ServeOptions, startServer } from '../../src/serve/server.ts';
+import type { Tokenizer } from '../../src/tokenize/tokenizer.ts';
 
 export const STORIES = fileURLToPath(new URL('../../../shared/models/stories260K/stories260K.gguf', import.meta.url));
 
@@ -103,4 +104,17 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, ms = 5000,
     await new Promise((r) => setTimeout(r, 25));
   }
   throw new Error(`timed out waiting for ${what}`);
+}
+
+/**
+ * The text generated tokens add to a prompt: decode(prompt + tokens) minus decode(prompt). What a completion
+ * must return so that prompt + completion reads right (generate() decodes the new tokens alone, which drops a
+ * SentencePiece leading space on the first one).
+ */
+export function continuation(tok: Tokenizer, prompt: readonly number[], tokens: readonly number[]): string {
+  const p = tok.decode(prompt, { skipSpecialTokens: true });
+  const all = tok.decode([...prompt, ...tokens], { skipSpecialTokens: true });
+  if (!all.startsWith(p))
+    throw new Error(`decode(prompt + tokens) does not start with decode(prompt): ${JSON.stringify(all)}`);
+  return all.slice(p.length);
 }

@@ -21,16 +21,30 @@ async function statsOf(srv: RunningServer) {
   return srv.engine.stats();
 }
 
-test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { skip: skipNoStories, timeout: 60_000 }, async () => {
+test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', {
+  skip: skipNoStories,
+  timeout: 60_000,
+}, async () => {
   const adapters: Record<string, string> = {};
   for (let i = 0; i < ADAPTERS; i++)
     adapters[`ad${i}`] = writeAdapter(join(tmp, `ad${i}`), { seed: 100 + i, r: [2, 4, 8, 16][i % 4], std: 0.12 });
   // 4 resident slots and 6 host entries for 12 adapters: the run evicts and reloads in both tiers
-  const srv = await testServer({ adapters, maxLoras: 4, maxCpuLoras: 6, maxNumSeqs: 16, maxQueue: 40, prefillChunk: 32 });
+  const srv = await testServer({
+    adapters,
+    maxLoras: 4,
+    maxCpuLoras: 6,
+    maxNumSeqs: 16,
+    maxQueue: 40,
+    prefillChunk: 32,
+  });
   try {
     const c = client(srv);
     const models = ['stories260K', ...Object.keys(adapters)];
-    const job = (k: number) => ({ model: models[k % models.length]!, prompt: PROMPTS[k % PROMPTS.length]!, stream: k % 2 === 0 });
+    const job = (k: number) => ({
+      model: models[k % models.length]!,
+      prompt: PROMPTS[k % PROMPTS.length]!,
+      stream: k % 2 === 0,
+    });
     // the reference: each distinct (model, prompt) served alone, one at a time
     const expected = new Map<string, string>();
     for (let k = 0; k < models.length * 2; k++) {
@@ -54,7 +68,13 @@ test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { ski
           try {
             let text = '';
             if (j.stream) {
-              const s = await c.completions.create({ model: j.model, prompt: j.prompt, max_tokens: 8, temperature: 0, stream: true });
+              const s = await c.completions.create({
+                model: j.model,
+                prompt: j.prompt,
+                max_tokens: 8,
+                temperature: 0,
+                stream: true,
+              });
               let finish: string | null = null;
               for await (const ch of s) {
                 text += ch.choices[0]?.text ?? '';
@@ -66,7 +86,8 @@ test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { ski
               text = r.choices[0]!.text;
             }
             const want = expected.get(`${j.model}|${j.prompt}`);
-            if (want !== undefined && text !== want) failures.push(`${j.model} '${j.prompt}': ${JSON.stringify(text)} != ${JSON.stringify(want)}`);
+            if (want !== undefined && text !== want)
+              failures.push(`${j.model} '${j.prompt}': ${JSON.stringify(text)} != ${JSON.stringify(want)}`);
             ok++;
           } catch (e) {
             const status = (e as { status?: number }).status;
@@ -87,16 +108,21 @@ test('32 concurrent clients x 3 requests over 12 adapters of mixed ranks', { ski
     assert.ok(after_.adapters.resident <= 4 && after_.adapters.host <= 6, JSON.stringify(after_.adapters));
     assert.ok(after_.adapters.evictionsResident > 0 && after_.adapters.evictionsHost > 0, 'both tiers evicted');
     // engine memory: the same as before the burst, give or take the resident and host adapters
-    assert.ok(after_.memoryBytes - baseline < 4 * 2 ** 20, `engine memory grew by ${after_.memoryBytes - baseline} bytes`);
+    assert.ok(
+      after_.memoryBytes - baseline < 4 * 2 ** 20,
+      `engine memory grew by ${after_.memoryBytes - baseline} bytes`,
+    );
     assert.ok(process.memoryUsage().rss - rss0 < 256 * 2 ** 20, 'the HTTP side stays bounded');
     assert.equal(srv.engine.inflight, 0);
-    console.log(`# load: ${ok} served, ${rejected} x 429, ${(ok * 8) / secs | 0} tokens/s on loopback`);
+    console.log(`# load: ${ok} served, ${rejected} x 429, ${((ok * 8) / secs) | 0} tokens/s on loopback`);
   } finally {
     await srv.close(1000);
   }
 });
 
-test('a client that disconnects cancels its generation; timeouts and a full queue are answered', { skip: skipNoStories }, async () => {
+test('a client that disconnects cancels its generation; timeouts and a full queue are answered', {
+  skip: skipNoStories,
+}, async () => {
   const srv = await testServer({ maxNumSeqs: 1, maxQueue: 1, requestTimeoutMs: 400 });
   try {
     const c = client(srv);
@@ -146,11 +172,19 @@ test('a client that disconnects cancels its generation; timeouts and a full queu
 test('graceful shutdown drains in-flight streams and refuses new work', { skip: skipNoStories }, async () => {
   const srv = await testServer();
   const c = client(srv);
-  const s = await c.completions.create({ model: 'stories260K', prompt: 'Once upon a time', max_tokens: 60, stream: true, ignore_eos: true } as never);
+  const s = await c.completions.create({
+    model: 'stories260K',
+    prompt: 'Once upon a time',
+    max_tokens: 60,
+    stream: true,
+    ignore_eos: true,
+  } as never);
   const reading = (async () => {
     let n = 0;
     let finish = null;
-    for await (const ch of s as unknown as AsyncIterable<{ choices: { text: string; finish_reason: string | null }[] }>) {
+    for await (const ch of s as unknown as AsyncIterable<{
+      choices: { text: string; finish_reason: string | null }[];
+    }>) {
       n += ch.choices[0]?.text ? 1 : 0;
       finish = ch.choices[0]?.finish_reason ?? finish;
     }

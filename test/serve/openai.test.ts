@@ -13,7 +13,7 @@ import { loadModel } from '../../src/models/load.ts';
 import { loadAdapter } from '../../src/peft/lora/io.ts';
 import type { RunningServer } from '../../src/serve/server.ts';
 import { loadTokenizer } from '../../src/tokenize/hf.ts';
-import { client, skipNoStories, STORIES, testServer, waitFor, writeAdapter } from './helpers.ts';
+import { client, continuation, STORIES, skipNoStories, testServer, waitFor, writeAdapter } from './helpers.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'lowrank-openai-'));
 const PROMPT = 'Once upon a time';
@@ -27,7 +27,12 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
 
   before(async () => {
     writeAdapter(join(tmp, 'alpha'), { seed: 1, std: 0.15 });
-    writeAdapter(join(tmp, 'beta'), { seed: 2, r: 8, std: 0.15, targets: ['k_proj', 'o_proj', 'gate_proj', 'up_proj'] });
+    writeAdapter(join(tmp, 'beta'), {
+      seed: 2,
+      r: 8,
+      std: 0.15,
+      targets: ['k_proj', 'o_proj', 'gate_proj', 'up_proj'],
+    });
     writeAdapter(join(root, 'gamma'), { seed: 3, r: 2, std: 0.2 });
     writeAdapter(join(root, 'gamma2'), { seed: 4, r: 16, std: 0.1 });
     mkdirSync(dir, { recursive: true });
@@ -45,8 +50,8 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
   });
 
   const complete = async (model: string, extra: Record<string, unknown> = {}) =>
-    (await c.completions.create({ model, prompt: PROMPT, max_tokens: 20, temperature: 0, ...extra } as never)).choices[0]!
-      .text;
+    (await c.completions.create({ model, prompt: PROMPT, max_tokens: 20, temperature: 0, ...extra } as never))
+      .choices[0]!.text;
 
   test('GET /v1/models lists the base model and the adapters with their parent', async () => {
     const models = (await c.models.list()).data as unknown as { id: string; parent: string | null; object: string }[];
@@ -68,7 +73,7 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
     const tok = loadTokenizer(STORIES);
     loadAdapter(model, join(tmp, 'alpha'), { adapterName: 'alpha' });
     const ref = generate(model, tok, tok.encode(PROMPT), { maxTokens: 20, temperature: 0 });
-    assert.equal(r.choices[0]!.text, ref.text);
+    assert.equal(r.choices[0]!.text, continuation(tok, tok.encode(PROMPT), ref.tokens));
     model.dispose();
   });
 
@@ -76,7 +81,8 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
     const [base, a, b, d] = await Promise.all(['stories260K', 'alpha', 'beta', 'delta'].map((m) => complete(m)));
     const { model } = await loadModel(STORIES);
     const tok = loadTokenizer(STORIES);
-    assert.equal(base, generate(model, tok, tok.encode(PROMPT), { maxTokens: 20, temperature: 0 }).text);
+    const ids = tok.encode(PROMPT);
+    assert.equal(base, continuation(tok, ids, generate(model, tok, ids, { maxTokens: 20, temperature: 0 }).tokens));
     model.dispose();
     assert.equal(new Set([base, a, b, d]).size, 4, 'four different outputs');
     // the same requests again, concurrently and interleaved, give the same texts
@@ -89,8 +95,21 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
     const base = await complete('stories260K');
     assert.equal(await complete('alpha', { adapter_scale: 0 }), base);
     assert.equal(await complete('stories260K', { adapters: [{ name: 'alpha', weight: 1 }] }), a);
-    assert.equal(await complete('stories260K', { adapters: [{ name: 'alpha', weight: 1 }, { name: 'beta', weight: 0 }] }), a);
-    const mixed = await complete('stories260K', { adapters: [{ name: 'alpha', weight: 0.5 }, { name: 'beta', weight: 0.5 }] });
+    assert.equal(
+      await complete('stories260K', {
+        adapters: [
+          { name: 'alpha', weight: 1 },
+          { name: 'beta', weight: 0 },
+        ],
+      }),
+      a,
+    );
+    const mixed = await complete('stories260K', {
+      adapters: [
+        { name: 'alpha', weight: 0.5 },
+        { name: 'beta', weight: 0.5 },
+      ],
+    });
     assert.notEqual(mixed, a);
     await assert.rejects(complete('alpha', { adapters: [{ name: 'beta', weight: 1 }] }), { status: 400 });
     await assert.rejects(complete('stories260K', { adapters: [{ name: 'nope', weight: 1 }] }), { status: 404 });
@@ -125,11 +144,22 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
     assert.match(raw.headers.get('content-type') ?? '', /text\/event-stream/);
     const body = await raw.text();
     assert.ok(body.endsWith('data: [DONE]\n\n'));
-    assert.ok(body.split('\n\n').filter(Boolean).every((l) => l.startsWith('data: ')));
+    assert.ok(
+      body
+        .split('\n\n')
+        .filter(Boolean)
+        .every((l) => l.startsWith('data: ')),
+    );
   });
 
   test('stop strings, token-id prompts and several prompts per request', async () => {
-    const r = await c.completions.create({ model: 'stories260K', prompt: PROMPT, max_tokens: 30, temperature: 0, stop: [' girl'] });
+    const r = await c.completions.create({
+      model: 'stories260K',
+      prompt: PROMPT,
+      max_tokens: 30,
+      temperature: 0,
+      stop: [' girl'],
+    });
     assert.equal(r.choices[0]!.text, ', there was a little');
     assert.equal(r.choices[0]!.finish_reason, 'stop');
     const tok = loadTokenizer(STORIES);
@@ -146,25 +176,35 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
     );
     assert.equal(multi.choices[0]!.text, (await complete('stories260K', { max_tokens: 8 })).toString());
     assert.equal(multi.usage!.prompt_tokens, 5 + tok.encode('Tom had a red ball').length);
-    const echo = await c.completions.create({ model: 'stories260K', prompt: PROMPT, max_tokens: 3, temperature: 0, echo: true });
+    const echo = await c.completions.create({
+      model: 'stories260K',
+      prompt: PROMPT,
+      max_tokens: 3,
+      temperature: 0,
+      echo: true,
+    });
     assert.ok(echo.choices[0]!.text.startsWith(PROMPT));
   });
 
   test('chat on a model without a template is a clear 400', async () => {
-    await assert.rejects(c.chat.completions.create({ model: 'stories260K', messages: [{ role: 'user', content: 'hi' }] }), (e: {
-      status: number;
-      error: { code: string; message: string };
-    }) => {
-      assert.equal(e.status, 400);
-      assert.equal(e.error.code, 'no_chat_template');
-      assert.match(e.error.message, /--chat-template/);
-      return true;
-    });
+    await assert.rejects(
+      c.chat.completions.create({ model: 'stories260K', messages: [{ role: 'user', content: 'hi' }] }),
+      (e: { status: number; error: { code: string; message: string } }) => {
+        assert.equal(e.status, 400);
+        assert.equal(e.error.code, 'no_chat_template');
+        assert.match(e.error.message, /--chat-template/);
+        return true;
+      },
+    );
   });
 
   test('runtime load and unload (vLLM shapes), load_inplace, and the watched directory', async () => {
     const post = (path: string, body: unknown) =>
-      fetch(`${srv.url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+      fetch(`${srv.url}${path}`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+      });
     await assert.rejects(complete('gamma'), { status: 404 });
     let r = await post('/v1/load_lora_adapter', { lora_name: 'gamma', lora_path: 'gamma' });
     assert.equal(r.status, 200);
@@ -174,7 +214,11 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
     r = await post('/v1/load_lora_adapter', { lora_name: 'gamma', lora_path: join(root, 'gamma2') });
     assert.equal(r.status, 400);
     assert.equal(((await r.json()) as { error: { code: string } }).error.code, 'adapter_exists');
-    r = await post('/v1/load_lora_adapter', { lora_name: 'gamma', lora_path: join(root, 'gamma2'), load_inplace: true });
+    r = await post('/v1/load_lora_adapter', {
+      lora_name: 'gamma',
+      lora_path: join(root, 'gamma2'),
+      load_inplace: true,
+    });
     assert.equal(r.status, 200);
     const g2 = await complete('gamma');
     assert.notEqual(g2, g1, 'the replaced adapter serves the new weights');
@@ -186,7 +230,10 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
     assert.equal(r.status, 404);
     // a bad adapter is refused at load time, not on first use
     mkdirSync(join(root, 'broken'), { recursive: true });
-    writeFileSync(join(root, 'broken', 'adapter_config.json'), '{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}');
+    writeFileSync(
+      join(root, 'broken', 'adapter_config.json'),
+      '{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}',
+    );
     r = await post('/v1/load_lora_adapter', { lora_name: 'broken', lora_path: 'broken' });
     assert.equal(r.status, 400);
     const msg = ((await r.json()) as { error: { message: string } }).error.message;
@@ -242,7 +289,10 @@ describe('chat with a --chat-template', { skip: skipNoStories }, () => {
     const ids = tok.encodeChat(messages, { addGenerationPrompt: true, template: TEMPLATE });
     assert.equal(r.usage!.prompt_tokens, ids.length);
     const { model } = await loadModel(STORIES);
-    assert.equal(r.choices[0]!.message.content, generate(model, tok, ids, { maxTokens: 16, temperature: 0 }).text);
+    assert.equal(
+      r.choices[0]!.message.content,
+      continuation(tok, ids, generate(model, tok, ids, { maxTokens: 16, temperature: 0 }).tokens),
+    );
     model.dispose();
     const stream = await c.chat.completions.create({
       model: 'stories260K',

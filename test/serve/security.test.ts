@@ -63,8 +63,14 @@ describe('auth, tenants and confined runtime loading', { skip: skipNoStories }, 
     symlinkSync(join(outside, 'secret'), join(root, 'link-to-secret'));
     // an adapter dir inside the root whose weights file is a symlink out of it
     mkdirSync(join(root, 'sneaky'));
-    writeFileSync(join(root, 'sneaky', 'adapter_config.json'), '{"peft_type":"LORA","r":4,"target_modules":["q_proj"]}');
-    symlinkSync(join(outside, 'secret', 'adapter_model.safetensors'), join(root, 'sneaky', 'adapter_model.safetensors'));
+    writeFileSync(
+      join(root, 'sneaky', 'adapter_config.json'),
+      '{"peft_type":"LORA","r":4,"target_modules":["q_proj"]}',
+    );
+    symlinkSync(
+      join(outside, 'secret', 'adapter_model.safetensors'),
+      join(root, 'sneaky', 'adapter_model.safetensors'),
+    );
     const keys = join(tmp, 'keys.txt');
     writeFileSync(keys, `${ADMIN}\n${TENANT_A} alpha\n${TENANT_B} beta\n`);
     srv = await testServer({
@@ -104,9 +110,16 @@ describe('auth, tenants and confined runtime loading', { skip: skipNoStories }, 
     };
     const foreign = await errOf('beta');
     const unknown = await errOf('zzzz');
-    assert.deepEqual({ ...foreign, message: foreign.message.replace('beta', 'X') }, { ...unknown, message: unknown.message.replace('zzzz', 'X') });
+    assert.deepEqual(
+      { ...foreign, message: foreign.message.replace('beta', 'X') },
+      { ...unknown, message: unknown.message.replace('zzzz', 'X') },
+    );
     // also inside a mixture
-    const mix = await post('/v1/completions', { model: 'stories260K', prompt: 'Once', adapters: [{ name: 'beta', weight: 1 }] }, TENANT_A);
+    const mix = await post(
+      '/v1/completions',
+      { model: 'stories260K', prompt: 'Once', adapters: [{ name: 'beta', weight: 1 }] },
+      TENANT_A,
+    );
     assert.equal(mix.status, 404);
     // tenants may not load adapters or read metrics
     assert.equal((await post('/v1/load_lora_adapter', { lora_name: 'x', lora_path: 'ok' }, TENANT_A)).status, 403);
@@ -116,10 +129,21 @@ describe('auth, tenants and confined runtime loading', { skip: skipNoStories }, 
 
   test('runtime loading reads only under --adapter-root: no traversal, no symlink escapes', async () => {
     const load = async (lora_path: string) => {
-      const r = await post('/v1/load_lora_adapter', { lora_name: `n${Math.random().toString(36).slice(2, 8)}`, lora_path }, ADMIN);
+      const r = await post(
+        '/v1/load_lora_adapter',
+        { lora_name: `n${Math.random().toString(36).slice(2, 8)}`, lora_path },
+        ADMIN,
+      );
       return { status: r.status, body: r.status === 200 ? null : assertErrorShape(await r.json()) };
     };
-    for (const p of ['../outside/secret', join(outside, 'secret'), 'link-to-secret', 'sneaky', '/etc', 'ok/../../outside/secret']) {
+    for (const p of [
+      '../outside/secret',
+      join(outside, 'secret'),
+      'link-to-secret',
+      'sneaky',
+      '/etc',
+      'ok/../../outside/secret',
+    ]) {
       const r = await load(p);
       assert.equal(r.status, 400, `${p}: ${JSON.stringify(r.body)}`);
       assert.equal(r.body!.code, 'path_not_allowed', p);
@@ -128,7 +152,10 @@ describe('auth, tenants and confined runtime loading', { skip: skipNoStories }, 
     assert.equal((await load('does-not-exist')).status, 404);
     assert.equal((await load('ok')).status, 200);
     // bad names and missing fields
-    assert.equal((await post('/v1/load_lora_adapter', { lora_name: 'stories260K', lora_path: 'ok' }, ADMIN)).status, 400);
+    assert.equal(
+      (await post('/v1/load_lora_adapter', { lora_name: 'stories260K', lora_path: 'ok' }, ADMIN)).status,
+      400,
+    );
     assert.equal((await post('/v1/load_lora_adapter', { lora_name: '../x', lora_path: 'ok' }, ADMIN)).status, 400);
     assert.equal((await post('/v1/load_lora_adapter', { lora_name: 'x' }, ADMIN)).status, 400);
   });
@@ -142,11 +169,16 @@ describe('auth, tenants and confined runtime loading', { skip: skipNoStories }, 
       if (param) assert.equal(e.param, param, what);
       cases.push([what, status, param]);
     };
-    await check('body too large', await post('/v1/completions', { model: 'stories260K', prompt: 'x'.repeat(10_000) }, ADMIN), 413);
+    await check(
+      'body too large',
+      await post('/v1/completions', { model: 'stories260K', prompt: 'x'.repeat(10_000) }, ADMIN),
+      413,
+    );
     await check('not JSON', await post('/v1/completions', null, ADMIN, '{"model": "stories260K", '), 400);
     await check('empty body', await post('/v1/completions', null, ADMIN, ''), 400);
     await check('an array', await post('/v1/completions', null, ADMIN, '[1,2]'), 400);
-    const gen = (body: Record<string, unknown>) => post('/v1/completions', { model: 'stories260K', prompt: 'Once', ...body }, ADMIN);
+    const gen = (body: Record<string, unknown>) =>
+      post('/v1/completions', { model: 'stories260K', prompt: 'Once', ...body }, ADMIN);
     await check('max_tokens above the limit', await gen({ max_tokens: 65 }), 400, 'max_tokens');
     await check('max_tokens 0', await gen({ max_tokens: 0 }), 400, 'max_tokens');
     await check('n = 2', await gen({ n: 2 }), 400, 'n');
@@ -157,14 +189,34 @@ describe('auth, tenants and confined runtime loading', { skip: skipNoStories }, 
     await check('no prompt', await post('/v1/completions', { model: 'stories260K' }, ADMIN), 400, 'prompt');
     await check('no model', await post('/v1/completions', { prompt: 'x' }, ADMIN), 400, 'model');
     await check('token id out of range', await gen({ prompt: [1, 99999] }), 400, 'prompt');
-    await check('stream_options without stream', await gen({ stream_options: { include_usage: true } }), 400, 'stream_options');
-    await check('bad chat message', await post('/v1/chat/completions', { model: 'stories260K', messages: [{ content: 'x' }] }, ADMIN), 400);
-    await check('tools', await post('/v1/chat/completions', { model: 'stories260K', messages: [{ role: 'user', content: 'x' }], tools: [{}] }, ADMIN), 400, 'tools');
+    await check(
+      'stream_options without stream',
+      await gen({ stream_options: { include_usage: true } }),
+      400,
+      'stream_options',
+    );
+    await check(
+      'bad chat message',
+      await post('/v1/chat/completions', { model: 'stories260K', messages: [{ content: 'x' }] }, ADMIN),
+      400,
+    );
+    await check(
+      'tools',
+      await post(
+        '/v1/chat/completions',
+        { model: 'stories260K', messages: [{ role: 'user', content: 'x' }], tools: [{}] },
+        ADMIN,
+      ),
+      400,
+      'tools',
+    );
     await check('unknown route', await post('/v1/nothing', {}, ADMIN), 404);
     const m = await fetch(`${srv.url}/v1/completions`, { headers: { authorization: `Bearer ${ADMIN}` } });
     await check('wrong method', m, 405);
     // through the client: the SDK's exception classes follow the status
-    await assert.rejects(c.completions.create({ model: 'stories260K', prompt: 'Once', max_tokens: 1000 }), { status: 400 });
+    await assert.rejects(c.completions.create({ model: 'stories260K', prompt: 'Once', max_tokens: 1000 }), {
+      status: 400,
+    });
     assert.equal(cases.length, 19);
     // the server still works after all that
     const ok = await c.completions.create({ model: 'stories260K', prompt: 'Once', max_tokens: 4 });

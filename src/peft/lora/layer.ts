@@ -101,7 +101,7 @@ export class ParameterDict extends Module {
   }
 }
 
-/** One adapter matrix as a module with `weight` (and lora_B's optional `bias`), like PEFT's nn.Linear holders. */
+/** One adapter matrix as a Linear-like module with `weight` (and lora_B's optional `bias`), as PEFT's nn.Linear holders. */
 export class LoraWeight extends Module {
   constructor(weight: Tensor, bias: Tensor | null = null, trainable = false) {
     super();
@@ -113,6 +113,10 @@ export class LoraWeight extends Module {
   }
   get bias(): Tensor | null {
     return this.getParam('bias');
+  }
+  /** x W^T (+ b), as PEFT's nn.Linear holders compute. */
+  forward(x: Tensor): Tensor {
+    return linear(x, this.weight, this.bias);
   }
 }
 

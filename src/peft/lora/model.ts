@@ -23,6 +23,7 @@ import {
   type LinearBase,
   LoraEmbedding,
   LoraLinear,
+  MergeError,
   ModulesToSaveWrapper,
   type RowGroups,
 } from './layer.ts';
@@ -43,6 +44,15 @@ export interface AddAdapterOptions {
   forLoading?: boolean;
   /** Make this adapter the active one (default: only for the first adapter). */
   activate?: boolean;
+}
+
+export interface MergeAndUnloadOptions {
+  /** Adapters to merge (default: the active ones). */
+  names?: readonly string[];
+  /** Refuse (MergeError) a merge that would write NaN or infinity; nothing is changed then. */
+  safe?: boolean;
+  /** The module replacing a quantized base layer, given its summed delta s B A (f32 [out, in], row-major). */
+  replaceQuantized?: (base: LinearBase, delta: Float32Array, path: string) => Module;
 }
 
 /** An adapter layer of the model. */
@@ -67,6 +77,7 @@ export class LoraModel extends Module {
   readonly rt: AdapterRuntime;
   private readonly warn: (m: string) => void;
   private readonly hiddenBefore: LlamaForCausalLM['hidden'];
+  private readonly hadOwnHidden: boolean;
   private rowTensors: Tensor[] = [];
 
   /**
@@ -82,12 +93,18 @@ export class LoraModel extends Module {
     super();
     this.model = model;
     this.child('base_model', new BaseModelHolder(model));
+    for (const [n, m] of model.namedModules())
+      if (m instanceof LoraLinear || m instanceof LoraEmbedding || m instanceof ModulesToSaveWrapper)
+        throw new ConfigError(
+          `the model already holds adapters ('${n}'); add more through its LoraModel (addAdapter / loadAdapter)`,
+        );
     this.rt = new AdapterRuntime(opts.rng ?? globalRng);
     this.warn = opts.onWarning ?? ((m) => console.warn(`warning: ${m}`));
     // a PEFT model trains only its adapters
     for (const p of model.parameters()) p.requiresGrad = false;
     // per-row adapters reach the layers through the forward context: capture it where the model's forward starts
     this.hiddenBefore = model.hidden;
+    this.hadOwnHidden = Object.hasOwn(model, 'hidden');
     const self = this;
     model.hidden = function hidden(this: LlamaForCausalLM, ids: Tensor, ctx: ForwardContext): Tensor {
       self.setRows(ctx.adapterRows, ids.shape[0]!);
@@ -128,7 +145,7 @@ export class LoraModel extends Module {
       throw new ConfigError(`adapter name '${name}' must be non-empty without dots or spaces`);
     if (name === BASE_ROW) throw new ConfigError(`'${BASE_ROW}' is reserved for the base model in mixed batches`);
     if (this.configs.has(name)) throw new ConfigError(`adapter '${name}' already exists`);
-    if ('lora'.includes(name))
+    if ('lora_'.includes(name))
       this.warn(`adapter name '${name}' is part of the prefix 'lora_', which can make PEFT miss keys when loading`);
     const cfg = loraConfig(input as LoraConfigInput, `adapter '${name}'`);
     if (!opts.forLoading) checkCreatableInit(cfg, `adapter '${name}'`);
@@ -425,7 +442,27 @@ export class LoraModel extends Module {
   merge(names?: readonly string[], opts: { safe?: boolean } = {}): void {
     const list = names ? [...names] : this.activeAdapters;
     for (const n of list) if (!this.configs.has(n)) throw new ConfigError(`adapter '${n}' does not exist`);
-    for (const [, l] of this.adapterLayers()) l.merge(list, opts.safe ?? false);
+    const layers = this.adapterLayers().filter(([, l]) => list.some((n) => l.has(n)));
+    for (const [path, l] of layers)
+      if (l instanceof LoraLinear && !(l.base instanceof Linear))
+        throw new MergeError(
+          `${path}: cannot merge in place into a ${l.base.constructor.name} base layer; use mergeAndUnload with replaceQuantized (a dense merged layer), or load the base unquantized`,
+        );
+    this.mergeLayers(layers, list, opts.safe ?? false);
+  }
+
+  /** All or nothing: a failing layer (safe merge) rolls back the layers merged before it. */
+  private mergeLayers(layers: [string, AdapterLayer][], list: readonly string[], safe: boolean): void {
+    const done: [AdapterLayer, number][] = [];
+    try {
+      for (const [, l] of layers) {
+        done.push([l, l.merged.length]);
+        l.merge(list, safe);
+      }
+    } catch (e) {
+      for (const [l, n] of done.reverse()) while (l.merged.length > n) l.unmergeAdapter(l.merged.pop()!);
+      throw e;
+    }
   }
 
   /** Unmerges every merged adapter (last merged first). */
@@ -437,10 +474,58 @@ export class LoraModel extends Module {
    * PEFT's merge_and_unload: merges (default: the active adapters), then puts the base layers back, with the
    * active adapter's modules_to_save copy in place of each saved module. Returns the plain model; this wrapper
    * must not be used afterwards.
+   *
+   * A base layer that cannot take the merge in place (a quantized one) is replaced by what `replaceQuantized`
+   * returns for it and the summed delta s B A of its merged adapters (f32 [out, in], row-major): typically a
+   * dense 16-bit Linear holding dequant(W) + delta. Without it such layers make the merge fail.
    */
-  mergeAndUnload(opts: { names?: readonly string[]; safe?: boolean } = {}): LlamaForCausalLM {
-    this.merge(opts.names, { safe: opts.safe });
-    return this.unloadLayers(opts.names ?? this.activeAdapters);
+  mergeAndUnload(opts: MergeAndUnloadOptions = {}): LlamaForCausalLM {
+    const list = opts.names ? [...opts.names] : this.activeAdapters;
+    for (const n of list) if (!this.configs.has(n)) throw new ConfigError(`adapter '${n}' does not exist`);
+    if (!opts.replaceQuantized) {
+      this.merge(list, { safe: opts.safe });
+      return this.unloadLayers(list);
+    }
+    const layers = this.adapterLayers().filter(([, l]) => list.some((n) => l.has(n)));
+    const quant = layers.filter(([, l]) => l instanceof LoraLinear && !(l.base instanceof Linear)) as [
+      string,
+      LoraLinear,
+    ][];
+    // build the replacements first: nothing changes if one fails
+    const replacements = new Map<string, Module>();
+    noGrad(() => {
+      for (const [path, l] of quant) {
+        const names = list.filter((n) => l.has(n));
+        for (const n of names)
+          if (l.adapters.get(n)!.loraBias)
+            throw new MergeError(
+              `${path}: adapter '${n}' has lora_bias, which cannot be merged into a quantized layer`,
+            );
+        const delta = new Float32Array(l.outFeatures * l.inFeatures);
+        for (const n of names) {
+          const d = l.deltaWeight(n);
+          const v = d.toF32();
+          d.dispose();
+          for (let i = 0; i < v.length; i++) delta[i] += v[i]!;
+        }
+        if (opts.safe && delta.some((v) => !Number.isFinite(v)))
+          throw new MergeError(
+            `${path}: merging gives non-finite weights (NaN or infinity); the adapter seems to be broken`,
+          );
+        replacements.set(path, opts.replaceQuantized!(l.base, delta, path));
+      }
+    });
+    this.mergeLayers(
+      layers.filter(([p]) => !replacements.has(p)),
+      list,
+      opts.safe ?? false,
+    );
+    for (const [path, l] of quant) {
+      const r = replacements.get(path)!;
+      this.model.setModule(path, r);
+      l.dispose(); // the quantized base goes with it
+    }
+    return this.unloadLayers(list);
   }
 
   /**
@@ -468,9 +553,9 @@ export class LoraModel extends Module {
     this.configs.clear();
     this.rt.active = [];
     this.clearRows();
-    this.model.hidden = this.hiddenBefore;
-    // the own-property hook goes; the prototype method answers again
-    delete (this.model as { hidden?: unknown }).hidden;
+    // the hook goes; the method it wrapped answers again
+    if (this.hadOwnHidden) this.model.hidden = this.hiddenBefore;
+    else delete (this.model as { hidden?: unknown }).hidden;
     return this.model;
   }
 

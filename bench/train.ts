@@ -1,0 +1,253 @@
+// npm run bench:train — training throughput (tokens/s) and peak RSS for the cases PyTorch was measured on
+// this CPU (../shared/anchors.md: PyTorch 1.13 eager fp32, 2 threads, AdamW):
+//
+//   LoRA r=16 alpha=32 on q,k,v,o,gate,up,down   tiny (8x256): 944 tokens/s, 2.2 GB   135m (4x256): 110 tokens/s, 6.7 GB
+//   full fine-tuning                             tiny (8x256): 846 tokens/s, 1.9 GB   135m (4x256):  88 tokens/s, 6.6 GB
+//   QLoRA (nf4 base, same LoRA)                  135m (4x256): no PyTorch figure on the CPU (bitsandbytes needs CUDA)
+//
+// Random-init models of the presets (src/models/save.ts) train on random token batches with the trainer's own
+// pieces (the adapter setup of `lowrank train`, its loss masking, AdamW, clipping): a warm-up step, then timed
+// steps. Each case runs in its own process so its peak RSS is its own.
+//
+//   npm run bench:train [-- --cases lora-tiny,full-tiny --steps 3 --warmup 1 --all]
+//   (--all adds full fine-tuning of 135m)
+
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { loadNativeAddon } from '../src/backend/cpu/native-addon.ts';
+import { getBackend } from '../src/backend/index.ts';
+import { Rng } from '../src/core/rng.ts';
+import { tidy } from '../src/core/scope.ts';
+import { memoryStats, resetPeakMemory } from '../src/core/storage.ts';
+import type { Tensor } from '../src/core/tensor.ts';
+import type { LlamaForCausalLM } from '../src/models/llama.ts';
+import { initModel, presetConfig } from '../src/models/save.ts';
+import { intTensor } from '../src/ops/create.ts';
+import { crossEntropy } from '../src/ops/loss.ts';
+import { reshape } from '../src/ops/shape.ts';
+import { backward } from '../src/ops/tape.ts';
+import { quantizeModel } from '../src/quant/linear4bit.ts';
+import { setupAdapterTraining } from '../src/train/adapter-training.ts';
+import { type AdapterKind, parseTrainConfig } from '../src/train/config.ts';
+import { type Batch, collate, exampleRows } from '../src/train/data-pack.ts';
+import { AdamW, clipFactor, gradNorm } from '../src/train/optim.ts';
+import { countTargets, shiftedTargets } from '../src/train/trainer.ts';
+import { fmt, machineLine, printTable, ratio } from './common.ts';
+
+interface Case {
+  key: string;
+  preset: 'tiny' | '135m';
+  method: AdapterKind;
+  batch: number;
+  seq: number;
+  /** PyTorch on this CPU (anchors.md); null where none was measured. */
+  torchTps: number | null;
+  torchRssGB: number | null;
+  /** Only with --all. */
+  extra?: boolean;
+}
+
+const CASES: Case[] = [
+  { key: 'lora-tiny', preset: 'tiny', method: 'lora', batch: 8, seq: 256, torchTps: 944, torchRssGB: 2.2 },
+  { key: 'full-tiny', preset: 'tiny', method: 'full', batch: 8, seq: 256, torchTps: 846, torchRssGB: 1.9 },
+  { key: 'lora-135m', preset: '135m', method: 'lora', batch: 4, seq: 256, torchTps: 110, torchRssGB: 6.7 },
+  { key: 'qlora-135m', preset: '135m', method: 'qlora', batch: 4, seq: 256, torchTps: null, torchRssGB: null },
+  { key: 'full-135m', preset: '135m', method: 'full', batch: 4, seq: 256, torchTps: 88, torchRssGB: 6.6, extra: true },
+];
+
+interface CaseResult {
+  key: string;
+  ok: boolean;
+  /** Why the case could not run (e.g. the method is not available in this build). */
+  note?: string;
+  tokensPerSecond?: number;
+  stepSeconds?: number[];
+  peakRssBytes?: number;
+  peakTensorBytes?: number;
+  trainable?: number;
+  total?: number;
+  loss?: number[];
+}
+
+function arg(name: string): string | undefined {
+  const a = process.argv.slice(2);
+  const i = a.indexOf(name);
+  return i >= 0 ? a[i + 1] : undefined;
+}
+
+/** A batch of random tokens, every position trained (as the PyTorch anchor: labels = input ids). */
+function randomBatch(vocab: number, B: number, T: number, rng: Rng): Omit<Batch, 'epoch' | 'index'> {
+  const examples = Array.from({ length: B }, () => {
+    const ids = Int32Array.from({ length: T }, () => 3 + rng.int(vocab - 3));
+    const labels = Int32Array.from(ids);
+    labels[0] = -100;
+    return { inputIds: ids, labels, source: { dataset: 0, file: 'random', line: 0 } };
+  });
+  return collate(exampleRows(examples));
+}
+
+/** One optimizer step as the trainer takes it: summed CE over trained tokens, backward, clip, AdamW. */
+function trainStep(
+  model: LlamaForCausalLM,
+  trainable: [string, Tensor][],
+  opt: AdamW,
+  b: Omit<Batch, 'epoch' | 'index'>,
+): number {
+  const targets = shiftedTargets(b as Batch);
+  const n = countTargets(targets);
+  const sum = tidy(() => {
+    const shape = [b.batchSize, b.seqLen];
+    const logits = model.forward(intTensor(b.inputIds, shape), {
+      positions: intTensor(b.positionIds, shape),
+      seqIds: intTensor(b.seqIds, shape),
+    });
+    const l = crossEntropy(reshape(logits, [-1, model.config.vocab_size]), intTensor(targets), { reduction: 'sum' });
+    const v = l.item();
+    backward(l);
+    return v;
+  });
+  const norm = gradNorm(trainable, 1 / n);
+  opt.step((1 / n) * clipFactor(norm, 1.0));
+  opt.zeroGrad();
+  return sum / n;
+}
+
+/** Runs one case in this process and returns its figures. */
+async function runCase(c: Case, steps: number, warmup: number): Promise<CaseResult> {
+  const config = presetConfig(c.preset);
+  const model = initModel(config, 0);
+  const rng = new Rng(1);
+  let trainable: [string, Tensor][];
+  if (c.method === 'full') {
+    model.requiresGrad(true);
+    trainable = model.trainableParameters();
+  } else {
+    const cfg = parseTrainConfig({
+      base_model: `preset:${c.preset}`,
+      adapter: c.method,
+      lora_r: 16,
+      lora_alpha: 32,
+      lora_dropout: 0,
+      lora_target_modules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+      datasets: [{ path: 'random.jsonl', type: 'text' }],
+      learning_rate: 2e-4,
+      sequence_len: c.seq,
+      micro_batch_size: c.batch,
+    });
+    if (c.method === 'qlora') quantizeModel(model, { quantType: 'nf4', doubleQuant: true, computeDtype: 'float32' });
+    try {
+      trainable = (await setupAdapterTraining(model, cfg, `preset:${c.preset}`, rng)).trainable;
+    } catch (e) {
+      model.dispose();
+      return { key: c.key, ok: false, note: `${c.method} is not available in this build: ${(e as Error).message}` };
+    }
+  }
+  const opt = new AdamW(trainable, { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0 });
+  model.train(true);
+  const trainableCount = trainable.reduce((s, [, p]) => s + p.size, 0);
+  const total = model.numParameters();
+  const losses: number[] = [];
+  for (let i = 0; i < warmup; i++) losses.push(trainStep(model, trainable, opt, randomBatch(config.vocab_size, c.batch, c.seq, rng)));
+  resetPeakMemory();
+  const times: number[] = [];
+  for (let i = 0; i < steps; i++) {
+    const b = randomBatch(config.vocab_size, c.batch, c.seq, rng);
+    const t0 = performance.now();
+    losses.push(trainStep(model, trainable, opt, b));
+    times.push((performance.now() - t0) / 1000);
+  }
+  const total_s = times.reduce((a, b) => a + b, 0);
+  const result: CaseResult = {
+    key: c.key,
+    ok: true,
+    tokensPerSecond: (steps * c.batch * c.seq) / total_s,
+    stepSeconds: times,
+    peakRssBytes: process.resourceUsage().maxRSS * 1024,
+    peakTensorBytes: memoryStats().peakBytes,
+    trainable: trainableCount,
+    total,
+    loss: losses,
+  };
+  opt.dispose();
+  model.dispose();
+  return result;
+}
+
+async function child(key: string): Promise<void> {
+  const c = CASES.find((x) => x.key === key);
+  if (!c) throw new Error(`unknown case ${key}`);
+  const r = await runCase(c, Number(arg('--steps') ?? 3), Number(arg('--warmup') ?? 1));
+  console.log(JSON.stringify(r));
+}
+
+function parent(): void {
+  const addon = loadNativeAddon();
+  console.log(`${machineLine(addon)}; backend ${getBackend().name}`);
+  const wanted = arg('--cases')?.split(',');
+  const cases = CASES.filter((c) => (wanted ? wanted.includes(c.key) : !c.extra || process.argv.includes('--all')));
+  const steps = arg('--steps') ?? '3';
+  const warmup = arg('--warmup') ?? '1';
+  const self = fileURLToPath(import.meta.url);
+  const rows: string[][] = [];
+  const notes: string[] = [];
+  for (const c of cases) {
+    process.stderr.write(`${c.key}: ${c.method} ${c.preset} ${c.batch}x${c.seq}, ${warmup} warm-up + ${steps} timed step(s)...\n`);
+    const p = spawnSync(process.execPath, ['--import', 'tsx', self, '--case', c.key, '--steps', steps, '--warmup', warmup], {
+      encoding: 'utf8',
+      maxBuffer: 64 << 20,
+    });
+    const last = p.stdout.trim().split('\n').pop() ?? '';
+    let r: CaseResult;
+    try {
+      r = JSON.parse(last) as CaseResult;
+    } catch {
+      r = { key: c.key, ok: false, note: `failed: ${(p.stderr || `exit ${p.status}`).trim().split('\n').slice(-3).join(' ')}` };
+    }
+    const torchRss = c.torchRssGB === null ? undefined : c.torchRssGB;
+    const rssGB = r.peakRssBytes === undefined ? undefined : r.peakRssBytes / 1e9;
+    if (!r.ok) {
+      notes.push(`${c.key}: ${r.note}`);
+      rows.push([c.key, `${c.batch}x${c.seq}`, '-', 'n/a', fmt(c.torchTps ?? undefined, 0), '-', '-', fmt(torchRss, 1), '-', '-']);
+      continue;
+    }
+    rows.push([
+      c.key,
+      `${c.batch}x${c.seq}`,
+      `${((100 * r.trainable!) / r.total!).toFixed(2)}%`,
+      fmt(r.tokensPerSecond, 0),
+      fmt(c.torchTps ?? undefined, 0),
+      ratio(r.tokensPerSecond, c.torchTps ?? undefined),
+      fmt(rssGB, 2),
+      fmt(torchRss, 1),
+      ratio(rssGB, torchRss),
+      fmt(r.peakTensorBytes! / 1e9, 2),
+    ]);
+    process.stderr.write(
+      `  step times ${r.stepSeconds!.map((s) => s.toFixed(2)).join(', ')} s; loss ${r.loss!.map((l) => l.toFixed(3)).join(' ')}\n`,
+    );
+  }
+  printTable(
+    'train: tokens/s (batch x seq per step time, after warm-up) and peak RSS; PyTorch 1.13 eager fp32 on this CPU from ../shared/anchors.md',
+    [
+      'case',
+      'batch',
+      'trainable',
+      'tokens/s',
+      'PyTorch',
+      'ratio',
+      'peak RSS GB',
+      'PyTorch GB',
+      'ratio',
+      'tensors GB',
+    ],
+    rows,
+  );
+  console.log(
+    '\nratio = lowrank / PyTorch (higher is faster for tokens/s; lower is leaner for memory). These machines are shared and noisy (about ±20%).',
+  );
+  for (const n of notes) console.log(`note: ${n}`);
+}
+
+const caseKey = arg('--case');
+if (caseKey) await child(caseKey);
+else parent();

@@ -1,0 +1,66 @@
+// LoRA / DoRA with Hugging Face PEFT parity: the public surface of src/peft/lora.
+
+export {
+  ADAPTER_CONFIG_KEYS,
+  adapterConfigToJson,
+  type InitLoraWeights,
+  type LoraBias,
+  type LoraConfig,
+  type LoraConfigInput,
+  loraConfig,
+  loraScaling,
+  type ParsedAdapterConfig,
+  parseAdapterConfig,
+  TASK_TYPES,
+  type TaskType,
+} from './config.ts';
+export { initEmbedding, initLinear } from './init.ts';
+export {
+  ADAPTER_CONFIG_NAME,
+  ADAPTER_WEIGHTS_NAME,
+  adapterStateDict,
+  type LoadAdapterOptions,
+  loadAdapter,
+  readAdapterConfig,
+  removeAdapterName,
+  type SaveAdapterOptions,
+  saveAdapter,
+} from './io.ts';
+export {
+  AdapterRuntime,
+  BASE_ROW,
+  cloneModule,
+  type LayerAdapter,
+  LoraEmbedding,
+  LoraLinear,
+  MergeError,
+  ModulesToSaveWrapper,
+  type RowGroups,
+} from './layer.ts';
+export {
+  type GgufExportOptions,
+  type GgufFloatType,
+  ggufHparams,
+  ggufTensors,
+  ggufTokenizerFromHF,
+  saveMergedGguf,
+  saveMergedHF,
+} from './merge.ts';
+export { type AdapterLayer, type AddAdapterOptions, LoraModel, type LoraModelOptions } from './model.ts';
+export {
+  addRowsAt,
+  doraLinear,
+  doraWeightNorm,
+  loraLinear,
+  loraMixedRows,
+  type RowGroup,
+} from './ops.ts';
+export {
+  ALL_LINEAR,
+  checkTargetModuleExists,
+  DEFAULT_TARGET_MODULES,
+  findMinimalTargetModules,
+  getPatternKey,
+  rankAndAlpha,
+  resolveTargetModules,
+} from './target.ts';
