@@ -8,7 +8,7 @@
 import type { StreamDecoder, Tokenizer } from '../tokenize/tokenizer.ts';
 
 /** Prompt tokens given to the decoder as context. */
-const PROMPT_CONTEXT = 6;
+const PROMPT_CONTEXT = 4;
 
 export class TextStream {
   private readonly decoder: StreamDecoder;

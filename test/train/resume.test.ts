@@ -22,7 +22,12 @@ function setup(): string {
     join(dir, 'cfg.yaml'),
     [
       `base_model: ${STORIES}`,
-      'adapter: full',
+      'adapter: lora',
+      'lora_r: 4',
+      'lora_alpha: 8',
+      'lora_dropout: 0.1',
+      'lora_target_linear: true',
+      'gradient_checkpointing: true',
       'datasets:',
       '  - path: data.jsonl',
       '    type: completion',
@@ -30,7 +35,7 @@ function setup(): string {
       'micro_batch_size: 4',
       'gradient_accumulation_steps: 2',
       'max_steps: 12',
-      'learning_rate: 0.002',
+      'learning_rate: 0.01',
       'lr_scheduler: cosine',
       'warmup_steps: 2',
       'save_steps: 2',
@@ -50,7 +55,7 @@ function losses(outDir: string): number[] {
     .map((r) => r.loss);
 }
 
-test('SIGKILL mid-run, then --resume, gives the same losses as an uninterrupted run', { skip: !have, timeout: 120_000 }, async () => {
+test('LoRA with dropout and gradient checkpointing: SIGKILL mid-run, then --resume, gives the same losses as an uninterrupted run', { skip: !have, timeout: 120_000 }, async () => {
   const dir = setup();
   try {
     const run = (out: string, extra: string[] = []) =>
