@@ -7,6 +7,7 @@ import { registerCompare } from './compare.ts';
 import { registerEstimate } from './estimate.ts';
 import { registerEval } from './eval.ts';
 import { registerGenerate } from './generate.ts';
+import { registerHubSeed } from './hub-seed.ts';
 import { registerInfo } from './info.ts';
 import { registerInitModel } from './init-model.ts';
 import { registerMerge } from './merge.ts';
@@ -30,6 +31,7 @@ export function buildProgram(): Command {
   registerQuantize(program);
   registerEstimate(program);
   registerTrain(program);
+  registerHubSeed(program);
   registerEval(program);
   registerCompare(program);
   registerServe(program);
