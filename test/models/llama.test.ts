@@ -150,3 +150,54 @@ test('GGUF rope permutation round-trips; bad configs and inputs give typed error
   assert.rejects(loadModel('/nonexistent/model'), ConfigError);
   void FormatError;
 });
+
+test('qwen3 (q/k norm) and qwen2 (q/k/v bias) models run, and KV-cache decoding matches full forwards', () => {
+  for (const model_type of ['qwen3', 'qwen2', 'mistral']) {
+    const cfg = configFromHF({
+      model_type,
+      vocab_size: 40,
+      hidden_size: 24,
+      intermediate_size: 32,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      head_dim: 8,
+      rope_scaling: model_type === 'mistral' ? { rope_type: 'linear', factor: 2 } : null,
+    });
+    const model = new LlamaForCausalLM(cfg, { rng: new Rng(4) });
+    if (model_type === 'qwen3') assert.ok(model.getModule('model.layers.0.self_attn.q_norm'));
+    if (model_type === 'qwen2') assert.ok(model.getModule('model.layers.0.self_attn.q_proj')!.getParam('bias'));
+    const seq = [3, 9, 4, 17, 21, 5];
+    const full = fullLogits(model, seq);
+    const s = new DecodeSession(model, 1, seq.length);
+    let lg = s.step([seq.slice(0, 3)]);
+    for (let i = 3; i <= seq.length; i++) {
+      const row = full.subarray((i - 1) * 40, i * 40);
+      assert.ok(maxAbsDiff(lg[0]!, row) < 1e-5, `${model_type} position ${i - 1}`);
+      if (i < seq.length) lg = s.step([[seq[i]!]]);
+    }
+    s.dispose();
+    model.dispose();
+  }
+});
+
+test('lowrank init-model writes an HF dir that loads and tokenizes', async () => {
+  const { spawnSync } = await import('node:child_process');
+  const dir = mkdtempSync(join(tmpdir(), 'lowrank-init-'));
+  try {
+    const r = spawnSync(process.execPath, ['bin/lowrank.js', 'init-model', '--preset', 'tiny', '--out', dir], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    const { model, config } = await loadModel(dir);
+    assert.equal(config.hidden_size, 256);
+    assert.equal(model.numParameters(), 8192 * 256 + 8 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 688 + 512) + 256);
+    const tok = loadTokenizer(dir);
+    const ids = tok.encode('héllo wörld', { addSpecialTokens: true });
+    assert.equal(tok.decode(ids, { skipSpecialTokens: true }), 'héllo wörld');
+    assert.ok(ids.every((i) => i < config.vocab_size));
+    const info = spawnSync(process.execPath, ['bin/lowrank.js', 'info', dir], { encoding: 'utf8' });
+    assert.match(info.stdout, /architecture: llama/);
+    model.dispose();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
