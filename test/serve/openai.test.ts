@@ -16,6 +16,7 @@ import { loadTokenizer } from '../../src/tokenize/hf.ts';
 import { client, continuation, STORIES, skipNoStories, testServer, waitFor, writeAdapter } from './helpers.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'lowrank-openai-'));
+after(() => rmSync(tmp, { recursive: true, force: true }));
 const PROMPT = 'Once upon a time';
 const TEMPLATE = `{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}`;
 
@@ -46,7 +47,6 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
   });
   after(async () => {
     await srv?.close(1000);
-    rmSync(tmp, { recursive: true, force: true });
   });
 
   const complete = async (model: string, extra: Record<string, unknown> = {}) =>
@@ -270,7 +270,6 @@ describe('openai client against lowrank serve', { skip: skipNoStories }, () => {
 describe('chat with a --chat-template', { skip: skipNoStories }, () => {
   let srv: RunningServer;
   before(async () => {
-    mkdirSync(tmp, { recursive: true });
     const file = join(tmp, 'template.jinja');
     writeFileSync(file, TEMPLATE);
     srv = await testServer({ chatTemplateFile: file });
