@@ -9,8 +9,8 @@
 // pieces (the adapter setup of `lowrank train`, its loss masking, AdamW, clipping): a warm-up step, then timed
 // steps. Each case runs in its own process so its peak RSS is its own.
 //
-//   npm run bench:train [-- --cases lora-tiny,full-tiny --steps 3 --warmup 1 --all]
-//   (--all adds full fine-tuning of 135m)
+//   npm run bench:train [-- --cases lora-tiny,full-tiny --steps 3 --warmup 1 --timeout-min 30 --all]
+//   (--all adds full fine-tuning of 135m; a case that does not finish within --timeout-min is reported as such)
 
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -147,7 +147,8 @@ async function runCase(c: Case, steps: number, warmup: number): Promise<CaseResu
   const trainableCount = trainable.reduce((s, [, p]) => s + p.size, 0);
   const total = model.numParameters();
   const losses: number[] = [];
-  for (let i = 0; i < warmup; i++) losses.push(trainStep(model, trainable, opt, randomBatch(config.vocab_size, c.batch, c.seq, rng)));
+  for (let i = 0; i < warmup; i++)
+    losses.push(trainStep(model, trainable, opt, randomBatch(config.vocab_size, c.batch, c.seq, rng)));
   resetPeakMemory();
   const times: number[] = [];
   for (let i = 0; i < steps; i++) {
@@ -187,27 +188,56 @@ function parent(): void {
   const cases = CASES.filter((c) => (wanted ? wanted.includes(c.key) : !c.extra || process.argv.includes('--all')));
   const steps = arg('--steps') ?? '3';
   const warmup = arg('--warmup') ?? '1';
+  const timeoutMin = Number(arg('--timeout-min') ?? 30);
   const self = fileURLToPath(import.meta.url);
   const rows: string[][] = [];
   const notes: string[] = [];
   for (const c of cases) {
-    process.stderr.write(`${c.key}: ${c.method} ${c.preset} ${c.batch}x${c.seq}, ${warmup} warm-up + ${steps} timed step(s)...\n`);
-    const p = spawnSync(process.execPath, ['--import', 'tsx', self, '--case', c.key, '--steps', steps, '--warmup', warmup], {
-      encoding: 'utf8',
-      maxBuffer: 64 << 20,
-    });
-    const last = p.stdout.trim().split('\n').pop() ?? '';
+    process.stderr.write(
+      `${c.key}: ${c.method} ${c.preset} ${c.batch}x${c.seq}, ${warmup} warm-up + ${steps} timed step(s)...\n`,
+    );
+    const p = spawnSync(
+      process.execPath,
+      ['--import', 'tsx', self, '--case', c.key, '--steps', steps, '--warmup', warmup],
+      {
+        encoding: 'utf8',
+        maxBuffer: 64 << 20,
+        timeout: timeoutMin * 60_000,
+        killSignal: 'SIGKILL',
+      },
+    );
+    const last = (p.stdout ?? '').trim().split('\n').pop() ?? '';
     let r: CaseResult;
     try {
       r = JSON.parse(last) as CaseResult;
     } catch {
-      r = { key: c.key, ok: false, note: `failed: ${(p.stderr || `exit ${p.status}`).trim().split('\n').slice(-3).join(' ')}` };
+      const why =
+        p.signal === 'SIGKILL'
+          ? `did not finish within ${timeoutMin} min (--timeout-min)`
+          : `failed: ${(p.stderr || `exit ${p.status}`).trim().split('\n').slice(-3).join(' ')}`;
+      r = { key: c.key, ok: false, note: why };
     }
+    console.log(
+      r.ok
+        ? `${c.key}: ${fmt(r.tokensPerSecond, 1)} tokens/s (PyTorch ${c.torchTps ?? '-'}), peak RSS ${fmt((r.peakRssBytes ?? 0) / 1e9, 2)} GB, step times ${r.stepSeconds!.map((x) => x.toFixed(2)).join(', ')} s`
+        : `${c.key}: ${r.note}`,
+    );
     const torchRss = c.torchRssGB === null ? undefined : c.torchRssGB;
     const rssGB = r.peakRssBytes === undefined ? undefined : r.peakRssBytes / 1e9;
     if (!r.ok) {
       notes.push(`${c.key}: ${r.note}`);
-      rows.push([c.key, `${c.batch}x${c.seq}`, '-', 'n/a', fmt(c.torchTps ?? undefined, 0), '-', '-', fmt(torchRss, 1), '-', '-']);
+      rows.push([
+        c.key,
+        `${c.batch}x${c.seq}`,
+        '-',
+        'n/a',
+        fmt(c.torchTps ?? undefined, 0),
+        '-',
+        '-',
+        fmt(torchRss, 1),
+        '-',
+        '-',
+      ]);
       continue;
     }
     rows.push([
@@ -222,24 +252,10 @@ function parent(): void {
       ratio(rssGB, torchRss),
       fmt(r.peakTensorBytes! / 1e9, 2),
     ]);
-    process.stderr.write(
-      `  step times ${r.stepSeconds!.map((s) => s.toFixed(2)).join(', ')} s; loss ${r.loss!.map((l) => l.toFixed(3)).join(' ')}\n`,
-    );
   }
   printTable(
     'train: tokens/s (batch x seq per step time, after warm-up) and peak RSS; PyTorch 1.13 eager fp32 on this CPU from ../shared/anchors.md',
-    [
-      'case',
-      'batch',
-      'trainable',
-      'tokens/s',
-      'PyTorch',
-      'ratio',
-      'peak RSS GB',
-      'PyTorch GB',
-      'ratio',
-      'tensors GB',
-    ],
+    ['case', 'batch', 'trainable', 'tokens/s', 'PyTorch', 'ratio', 'peak RSS GB', 'PyTorch GB', 'ratio', 'tensors GB'],
     rows,
   );
   console.log(

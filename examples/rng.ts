@@ -34,3 +34,28 @@ export class Picker {
 export function toJsonl(records: readonly unknown[]): string {
   return records.map((r) => JSON.stringify(r)).join('\n') + '\n';
 }
+
+/**
+ * Draws a training and an evaluation set from one generator; evaluation records never repeat a training
+ * record (or each other), so evaluation measures generalisation rather than recall.
+ */
+export function makeSplits<T>(
+  p: Picker,
+  make: (p: Picker) => T,
+  trainCount: number,
+  evalCount: number,
+): { train: T[]; eval: T[] } {
+  const train = Array.from({ length: trainCount }, () => make(p));
+  const seen = new Set(train.map((r) => JSON.stringify(r)));
+  const evalSet: T[] = [];
+  for (let tries = 0; evalSet.length < evalCount; tries++) {
+    if (tries > evalCount * 100)
+      throw new Error('makeSplits: the generator repeats itself too much for a disjoint eval set');
+    const r = make(p);
+    const key = JSON.stringify(r);
+    if (seen.has(key)) continue;
+    seen.add(key);
+    evalSet.push(r);
+  }
+  return { train, eval: evalSet };
+}

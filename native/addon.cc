@@ -20,6 +20,11 @@
 
 #include "gemm_common.h"
 
+namespace lowrank {
+// The op kernels (ops_addon.cc) register their functions on the same exports.
+void init_ops(Napi::Env env, Napi::Object exports, int (*get_isa)(), int (*get_threads)());
+}  // namespace lowrank
+
 using lowrank::IsaImpl;
 
 namespace {
@@ -77,7 +82,8 @@ constexpr double kMaxInt = 9007199254740991.0;  // 2^53 - 1
 int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t min) {
   if (i >= info.Length() || !info[i].IsNumber()) type_error(info.Env(), std::string(name) + " must be a number");
   const double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!(v == v) || v != (double)(int64_t)v || v < (double)min || v > kMaxInt)
+  // Range first: converting a double beyond int64 to an integer is undefined behaviour.
+  if (!(v >= (double)min && v <= kMaxInt) || v != (double)(int64_t)v)
     range_error(info.Env(), std::string(name) + " must be an integer >= " + std::to_string(min) + ", got " +
                                 std::to_string(v));
   return (int64_t)v;
@@ -338,6 +344,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("_blocking", Napi::Function::New(env, Blocking, "_blocking"));
   exports.Set("fmaPeak", Napi::Function::New(env, FmaPeak, "fmaPeak"));
   exports.Set("memBandwidth", Napi::Function::New(env, MemBandwidthJs, "memBandwidth"));
+  lowrank::init_ops(env, exports, [] { return g_isa.load(); }, [] { return g_threads.load(); });
   return exports;
 }
 

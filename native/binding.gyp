@@ -26,18 +26,28 @@
       'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)']},
     },
     {
+      # The op kernels (ops_*.cc, ops_*.h: elementwise, norms, rope, attention, losses, 4-bit, row-invariant GEMM
+      # routing), one static library per ISA like the GEMM.
+      'target_name': 'lowrank_ops_generic',
+      'type': 'static_library',
+      'sources': ['ops_generic.cc'],
+      'cflags': ['<@(lowrank_cflags)'],
+      'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)']},
+    },
+    {
       'target_name': 'lowrank_native',
-      'sources': ['addon.cc'],
+      'sources': ['addon.cc', 'ops_addon.cc'],
       'dependencies': [
         "<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except",
         'lowrank_generic',
+        'lowrank_ops_generic',
       ],
       'cflags': ['-O3', '-fvisibility=hidden', '-Wno-unknown-pragmas'],
       'cflags_cc': ['-fexceptions'],
       'xcode_settings': {'GCC_ENABLE_CPP_EXCEPTIONS': 'YES'},
       'conditions': [
         ['OS=="linux"', {'libraries': ['-fopenmp']}],
-        ['target_arch=="x64"', {'dependencies': ['lowrank_avx2', 'lowrank_avx512']}],
+        ['target_arch=="x64"', {'dependencies': ['lowrank_avx2', 'lowrank_avx512', 'lowrank_ops_avx2', 'lowrank_ops_avx512']}],
       ],
     },
   ],
@@ -56,6 +66,20 @@
           'type': 'static_library',
           'sources': ['gemm_avx512.cc'],
           # GCC 12's own headers trip the uninitialized warnings (_mm512_undefined_ps is self-initialised).
+          'cflags': ['<@(lowrank_cflags)', '<@(lowrank_avx512_flags)', '-Wno-uninitialized', '-Wno-maybe-uninitialized'],
+          'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)', '<@(lowrank_avx512_flags)']},
+        },
+        {
+          'target_name': 'lowrank_ops_avx2',
+          'type': 'static_library',
+          'sources': ['ops_avx2.cc'],
+          'cflags': ['<@(lowrank_cflags)', '<@(lowrank_avx2_flags)'],
+          'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)', '<@(lowrank_avx2_flags)']},
+        },
+        {
+          'target_name': 'lowrank_ops_avx512',
+          'type': 'static_library',
+          'sources': ['ops_avx512.cc'],
           'cflags': ['<@(lowrank_cflags)', '<@(lowrank_avx512_flags)', '-Wno-uninitialized', '-Wno-maybe-uninitialized'],
           'xcode_settings': {'OTHER_CFLAGS': ['<@(lowrank_cflags)', '<@(lowrank_avx512_flags)']},
         },

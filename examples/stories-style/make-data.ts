@@ -8,7 +8,7 @@
 import { writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { Picker, toJsonl } from '../rng.ts';
+import { makeSplits, Picker, toJsonl } from '../rng.ts';
 
 export const MORAL = 'And that is why we always share.';
 export const SEED = 1234;
@@ -123,8 +123,7 @@ export function makeStory(p: Picker): { prompt: string; completion: string } {
 
 export function makeStoriesData(seed = SEED): { train: string; eval: string } {
   const p = new Picker(seed);
-  const train = Array.from({ length: TRAIN_COUNT }, () => makeStory(p));
-  const evalSet = Array.from({ length: EVAL_COUNT }, () => makeStory(p));
+  const { train, eval: evalSet } = makeSplits(p, makeStory, TRAIN_COUNT, EVAL_COUNT);
   return { train: toJsonl(train), eval: toJsonl(evalSet) };
 }
 

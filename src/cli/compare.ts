@@ -15,26 +15,27 @@ import { Rng } from '../core/rng.ts';
 import { writeFileAtomic } from '../formats/atomic.ts';
 import { configFromHF } from '../models/config.ts';
 import type { LlamaForCausalLM } from '../models/llama.ts';
-import { loadModel, resolveModelPath } from '../models/load.ts';
+import { resolveModelPath } from '../models/load.ts';
 import { initModel } from '../models/save.ts';
 import { loadTokenizer } from '../tokenize/hf.ts';
 import { setupAdapterTraining } from '../train/adapter-training.ts';
 import { type AdapterKind, loadTrainConfig, type TrainConfig } from '../train/config.ts';
-import type { RunSummary } from '../train/report.ts';
+import { type RunSummary, readMetrics, renderCompareReport } from '../train/report.ts';
 import {
   type Comparison,
   comparisonOf,
   evaluateTask,
   formatComparison,
+  METRIC_LABELS,
   modelGenerator,
-  scoreNames,
+  primaryScore,
   type TaskEvalResult,
   type TaskGenerator,
   taskExamples,
 } from '../train/task-eval.ts';
 import { evaluateLoss } from '../train/trainer.ts';
 import { collect, int } from './common.ts';
-import { dataFromConfig, loadTuned, parseMetric } from './eval.ts';
+import { dataFromConfig, loadBase, loadTuned, parseMetric } from './eval.ts';
 import { runTrainWorker } from './train.ts';
 
 export const COMPARE_METHODS: readonly AdapterKind[] = ['lora', 'dora', 'qlora', 'full'];
@@ -225,8 +226,8 @@ export async function runCompare(
         model.dispose();
       }
     };
-  generators.base = withModel('base', async () => (await loadModel(basePath)).model);
-  for (const r of runs) generators[r.method] = withModel(r.method, () => loadTuned(basePath, r.cfg.output_dir));
+  generators.base = withModel('base', () => loadBase(basePath));
+  for (const r of runs) generators[r.method] = withModel(r.method, () => loadTuned(basePath, r.cfg.output_dir, r.cfg));
   let task: TaskEvalResult | null = null;
   if (tasks.length > 0)
     task = await evaluateTask(tasks, generators, { metric, markers: o.marker, maxExamples, maxNewTokens });
@@ -252,17 +253,18 @@ export async function runCompare(
     { name: 'wall time', values: pick((r) => r.summary.wallSeconds), format: 'seconds', better: 'lower' },
   );
   if (task && methods.includes('full')) {
-    const primary = scoreNames(task.metrics)[0]!;
+    const primary = primaryScore(task.metrics);
     const full = task.scores.full?.[primary];
     comparison.rows.push({
-      name: `${primary} vs full`,
+      name: `${METRIC_LABELS[primary]}: share of full`,
       values: columns.map((c) =>
         c === 'base' || full === undefined || !(full > 0) ? null : (task.scores[c]?.[primary] ?? 0) / full,
       ),
       format: 'percent',
       better: 'higher',
     });
-    if (!(full !== undefined && full > 0)) notes.push(`full fine-tuning scored 0 on ${primary}: no ratio to it`);
+    if (!(full !== undefined && full > 0))
+      notes.push(`full fine-tuning scored 0 on ${METRIC_LABELS[primary]}: no share of it to show`);
   }
   if (losses.full) {
     comparison.rows.push({
@@ -280,11 +282,26 @@ export async function runCompare(
     methods,
     comparison,
     task,
-    runs: runs.map((r) => ({ method: r.method, outputDir: r.cfg.output_dir, summary: r.summary, bytes: r.bytes })),
+    runs: runs.map((r) => ({
+      method: r.method,
+      outputDir: r.cfg.output_dir,
+      summary: { ...r.summary, history: undefined },
+      bytes: r.bytes,
+    })),
     notes,
   };
   await writeFileAtomic(join(root, 'compare.json'), `${JSON.stringify(result, null, 2)}\n`);
   await writeFileAtomic(join(root, 'compare.md'), `${formatComparison(comparison)}\n\n${notes.join('\n\n')}\n`);
-  log(`wrote ${join(root, 'compare.json')} and compare.md`);
+  await writeFileAtomic(
+    join(root, 'compare.html'),
+    renderCompareReport({
+      title: `lowrank compare: ${methods.join(', ')}`,
+      runs: runs.map((r) => ({ name: r.method, history: readMetrics(join(r.cfg.output_dir, 'metrics.jsonl')) })),
+      comparison,
+      task,
+      notes,
+    }),
+  );
+  log(`wrote ${join(root, 'compare.json')}, compare.md and compare.html`);
   return result;
 }

@@ -13,12 +13,14 @@ import { ConfigError } from '../core/errors.ts';
 import { writeFileAtomic } from '../formats/atomic.ts';
 import type { LlamaForCausalLM } from '../models/llama.ts';
 import { loadModel, resolveModelPath } from '../models/load.ts';
+import { loadAdapter } from '../peft/lora/io.ts';
 import type { LoraModel } from '../peft/lora/model.ts';
+import { loadModelQuantized } from '../quant/load.ts';
 import { loadTokenizer } from '../tokenize/hf.ts';
 import type { Tokenizer } from '../tokenize/tokenizer.ts';
 import { type DatasetType, datasetConfig, loadTrainConfig, type TrainConfig } from '../train/config.ts';
 import { buildDataset, createLoaders, DataLoader, type Example, exampleRows, prepareData } from '../train/data.ts';
-import { type EvalResults, writeRunReport } from '../train/report.ts';
+import { type EvalResults, runFacts, writeRunReport } from '../train/report.ts';
 import { textTokenizer } from '../train/setup.ts';
 import {
   comparisonOf,
@@ -33,7 +35,6 @@ import {
   taskExamples,
 } from '../train/task-eval.ts';
 import { evaluateLoss } from '../train/trainer.ts';
-import { applyAdapterOptions } from './adapters.ts';
 import { collect, int } from './common.ts';
 
 interface EvalCliOptions {
@@ -96,16 +97,42 @@ export function artefactKind(dir: string): 'adapter' | 'model' | null {
   return null;
 }
 
+/** Loads a PEFT adapter dir onto the model as its one active adapter ('default', as PEFT names it). */
+export function attachAdapter(model: LlamaForCausalLM, dir: string): LoraModel {
+  return loadAdapter(model, dir, {
+    adapterName: 'default',
+    activate: true,
+    onWarning: (m) => process.stderr.write(`warning: ${m}\n`),
+  });
+}
+
+/** The base model as a run trained on it: in 4 bits when the config loads it so (QLoRA), else as stored. */
+export async function loadBase(basePath: string, cfg: TrainConfig | null = null): Promise<LlamaForCausalLM> {
+  if (!cfg?.load_in_4bit) return (await loadModel(basePath)).model;
+  const { model } = await loadModelQuantized(basePath, {
+    quant_method: 'bitsandbytes',
+    load_in_4bit: true,
+    bnb_4bit_quant_type: cfg.bnb_4bit_quant_type,
+    bnb_4bit_use_double_quant: cfg.bnb_4bit_use_double_quant,
+    bnb_4bit_compute_dtype: cfg.bnb_4bit_compute_dtype === 'auto' ? 'float32' : cfg.bnb_4bit_compute_dtype,
+  });
+  return model;
+}
+
 /**
- * Loads the fine-tuned model of an artefact: a PEFT adapter applied to (another copy of) the base, or a
- * full model dir.
+ * Loads the fine-tuned model of an artefact: a PEFT adapter applied to (another copy of) the base, loaded as
+ * the run's config says, or a full model dir.
  */
-export async function loadTuned(basePath: string, artefact: string): Promise<LlamaForCausalLM> {
+export async function loadTuned(
+  basePath: string,
+  artefact: string,
+  cfg: TrainConfig | null = null,
+): Promise<LlamaForCausalLM> {
   const kind = artefactKind(artefact);
   if (kind === 'model') return (await loadModel(artefact)).model;
   if (kind === 'adapter') {
-    const { model } = await loadModel(basePath);
-    applyAdapterOptions(model, [artefact]);
+    const model = await loadBase(basePath, cfg);
+    attachAdapter(model, artefact);
     return model;
   }
   throw new ConfigError(
@@ -177,12 +204,13 @@ export function contenders(
   artefact: string | null,
   tunedName: string | null,
   work: ModelWork,
+  cfg: TrainConfig | null = null,
 ): Record<string, TaskGenerator> {
   const gens: Record<string, TaskGenerator> = {};
   if (artefact && tunedName && artefactKind(artefact) === 'adapter') {
     let shared: Promise<{ model: LlamaForCausalLM; pm: LoraModel }> | null = null;
     const load = () =>
-      (shared ??= loadModel(basePath).then(({ model }) => ({ model, pm: applyAdapterOptions(model, [artefact])! })));
+      (shared ??= loadBase(basePath, cfg).then((model) => ({ model, pm: attachAdapter(model, artefact) })));
     gens.base = async (requests) => {
       const { model, pm } = await load();
       return pm.withAdaptersDisabled(() => work('base', model, requests));
@@ -207,8 +235,8 @@ export function contenders(
       }
     };
   };
-  gens.base = once('base', async () => (await loadModel(basePath)).model);
-  if (artefact && tunedName) gens[tunedName] = once(tunedName, () => loadTuned(basePath, artefact));
+  gens.base = once('base', () => loadBase(basePath, cfg));
+  if (artefact && tunedName) gens[tunedName] = once(tunedName, () => loadTuned(basePath, artefact, cfg));
   return gens;
 }
 
@@ -272,18 +300,24 @@ export async function runEval(
 
   const columns = ['base', ...(tunedName ? [tunedName] : [])];
   const losses: EvalResults['losses'] = {};
-  const generators = contenders(basePath, artefact, tunedName, (name, model, requests) => {
-    if (o.loss) {
-      const l = evaluateLoss(model, data.loader);
-      losses[name] = { loss: l.loss, tokens: l.tokens };
-      log(
-        `${name}: eval loss ${l.loss.toFixed(4)} (perplexity ${Math.exp(l.loss).toFixed(3)}) over ${l.tokens} tokens`,
-      );
-    }
-    if (requests.length === 0) return [];
-    log(`${name}: generating ${requests.length} completion(s)`);
-    return modelGenerator(model, tok, { batchSize: batch })(requests);
-  });
+  const generators = contenders(
+    basePath,
+    artefact,
+    tunedName,
+    (name, model, requests) => {
+      if (o.loss) {
+        const l = evaluateLoss(model, data.loader);
+        losses[name] = { loss: l.loss, tokens: l.tokens };
+        log(
+          `${name}: eval loss ${l.loss.toFixed(4)} (perplexity ${Math.exp(l.loss).toFixed(3)}) over ${l.tokens} tokens`,
+        );
+      }
+      if (requests.length === 0) return [];
+      log(`${name}: generating ${requests.length} completion(s)`);
+      return modelGenerator(model, tok, { batchSize: batch })(requests);
+    },
+    cfg,
+  );
 
   let task: TaskEvalResult | null = null;
   if (o.task && tasks.length > 0) {
@@ -312,28 +346,4 @@ export async function runEval(
     log(`wrote ${join(cfg.output_dir, 'eval_results.json')} and ${report}`);
   }
   return results;
-}
-
-/** The lines under a run report's title. */
-export function runFacts(cfg: TrainConfig): [string, string][] {
-  const facts: [string, string][] = [
-    ['base model', cfg.base_model],
-    ['method', cfg.adapter],
-  ];
-  if (cfg.adapter !== 'full') {
-    const targets = cfg.lora_target_modules === 'all-linear' ? 'all linear layers' : cfg.lora_target_modules.join(', ');
-    facts.push([
-      'adapter',
-      `r ${cfg.lora_r}, alpha ${cfg.lora_alpha}${cfg.use_rslora ? ' (rsLoRA)' : ''}, dropout ${cfg.lora_dropout}, on ${targets}`,
-    ]);
-  }
-  facts.push(
-    ['data', cfg.datasets.map((d) => `${d.path} (${d.type})`).join(', ')],
-    [
-      'optimisation',
-      `lr ${cfg.learning_rate} ${cfg.lr_scheduler}, batch ${cfg.micro_batch_size} x ${cfg.gradient_accumulation_steps}, sequence_len ${cfg.sequence_len}, seed ${cfg.seed}`,
-    ],
-  );
-  if (cfg.config_path) facts.push(['config', cfg.config_path]);
-  return facts;
 }

@@ -7,6 +7,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../formats/atomic.ts';
 import type { MetricRecord } from './checkpoint.ts';
+import type { TrainConfig } from './config.ts';
 import { type Comparison, formatValue, type TaskEvalResult, type TaskSample } from './task-eval.ts';
 
 /** What train_results.json holds (runJob's summary without the history). */
@@ -157,12 +158,12 @@ export function lineChartSvg(series: readonly Series[], opts: ChartOptions = {})
     out.push(`<line x1="${f(sx(t))}" y1="${m.top + ph}" x2="${f(sx(t))}" y2="${m.top + ph + 5}"/>`);
   for (const t of yTicks) out.push(`<line x1="${m.left - 5}" y1="${f(sy(t))}" x2="${m.left}" y2="${f(sy(t))}"/>`);
   out.push('</g><g class="tick-labels" fill="#374151">');
-  xTicks.forEach((t, i) =>
-    out.push(`<text x="${f(sx(t))}" y="${m.top + ph + 18}" text-anchor="middle">${xLabels[i]}</text>`),
-  );
-  yTicks.forEach((t, i) =>
-    out.push(`<text x="${m.left - 8}" y="${f(sy(t) + 4)}" text-anchor="end">${yLabels[i]}</text>`),
-  );
+  xTicks.forEach((t, i) => {
+    out.push(`<text x="${f(sx(t))}" y="${m.top + ph + 18}" text-anchor="middle">${xLabels[i]}</text>`);
+  });
+  yTicks.forEach((t, i) => {
+    out.push(`<text x="${m.left - 8}" y="${f(sy(t) + 4)}" text-anchor="end">${yLabels[i]}</text>`);
+  });
   out.push('</g>');
   if (opts.xLabel)
     out.push(`<text x="${m.left + pw / 2}" y="${H - 10}" text-anchor="middle">${escapeHtml(opts.xLabel)}</text>`);
@@ -344,6 +345,42 @@ ${parts.join('\n')}
 `;
 }
 
+/** What `lowrank compare` shows: every method's curves on one chart, and the side-by-side table. */
+export interface CompareReportInput {
+  title: string;
+  runs: { name: string; history: readonly MetricRecord[] }[];
+  comparison: Comparison;
+  task: TaskEvalResult | null;
+  notes?: string[];
+  time?: string;
+}
+
+/** The compare page: training (solid) and eval (dashed) loss of every method, then the table and samples. */
+export function renderCompareReport(input: CompareReportInput): string {
+  const series: Series[] = [];
+  input.runs.forEach((r, i) => {
+    const color = PALETTE[i % PALETTE.length]!;
+    for (const s of lossSeries(r.history, `${r.name} `)) series.push({ ...s, color });
+  });
+  const parts = [
+    `<h1>${escapeHtml(input.title)}</h1>`,
+    `<p class="muted">lowrank compare, ${escapeHtml(input.time ?? new Date().toISOString())}</p>`,
+    '<h2>Loss</h2>',
+    lineChartSvg(series, { xLabel: 'optimizer step', yLabel: 'loss (nats/token)', height: 360 }),
+    '<h2>Side by side</h2>',
+    comparisonHtml(input.comparison),
+    ...(input.notes ?? []).map((n) => `<p class="muted">${escapeHtml(n)}</p>`),
+  ];
+  if (input.task?.samples.length) parts.push('<h2>Samples</h2>', samplesHtml(input.task.samples, input.task.columns));
+  return `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>${escapeHtml(input.title)}</title><style>${CSS}</style></head>
+<body>
+${parts.join('\n')}
+</body></html>
+`;
+}
+
 export async function writeReport(file: string, input: ReportInput): Promise<void> {
   await writeFileAtomic(file, renderReport(input));
 }
@@ -351,6 +388,30 @@ export async function writeReport(file: string, input: ReportInput): Promise<voi
 // ---------------------------------------------------------------------------------------------------------
 // From an output dir
 // ---------------------------------------------------------------------------------------------------------
+
+/** The lines under a run report's title. */
+export function runFacts(cfg: TrainConfig): [string, string][] {
+  const facts: [string, string][] = [
+    ['base model', cfg.base_model],
+    ['method', cfg.adapter],
+  ];
+  if (cfg.adapter !== 'full') {
+    const targets = cfg.lora_target_modules === 'all-linear' ? 'all linear layers' : cfg.lora_target_modules.join(', ');
+    facts.push([
+      'adapter',
+      `r ${cfg.lora_r}, alpha ${cfg.lora_alpha}${cfg.use_rslora ? ' (rsLoRA)' : ''}, dropout ${cfg.lora_dropout}, on ${targets}${cfg.load_in_4bit ? `; base in 4 bits (${cfg.bnb_4bit_quant_type}${cfg.bnb_4bit_use_double_quant ? ', double quant' : ''})` : ''}`,
+    ]);
+  }
+  facts.push(
+    ['data', cfg.datasets.map((d) => `${d.path} (${d.type})`).join(', ')],
+    [
+      'optimisation',
+      `lr ${cfg.learning_rate} ${cfg.lr_scheduler}, batch ${cfg.micro_batch_size} x ${cfg.gradient_accumulation_steps}, sequence_len ${cfg.sequence_len}, seed ${cfg.seed}`,
+    ],
+  );
+  if (cfg.config_path) facts.push(['config', cfg.config_path]);
+  return facts;
+}
 
 /** Reads metrics.jsonl; lines that do not parse are skipped (a report never fails on a damaged log). */
 export function readMetrics(file: string): MetricRecord[] {

@@ -19,7 +19,7 @@
 // choice.
 
 import { ConfigError, DataError } from '../core/errors.ts';
-import { generateBatch } from '../models/generate.ts';
+import { decodeAfter, generateBatch } from '../models/generate.ts';
 import type { LlamaForCausalLM } from '../models/llama.ts';
 import { type Example, IGNORE_INDEX } from './data-format.ts';
 
@@ -135,7 +135,7 @@ export function taskExamples(examples: readonly Example[], tok: TaskTokenizer, m
     const promptIds = Array.from(ex.inputIds.subarray(0, first));
     out.push({
       promptIds,
-      reference: tok.decode(refIds, { skipSpecialTokens: true }),
+      reference: decodeAfter(tok, promptIds, refIds),
       referenceTokens: end - first,
       promptText: tok.decode(promptIds, { skipSpecialTokens: true }),
       source: ex.source ? `${ex.source.file}:${ex.source.line}` : undefined,
@@ -317,6 +317,15 @@ export function scoreNames(metrics: readonly TaskMetricName[]): TaskScoreName[] 
   );
 }
 
+/**
+ * The score that sums up a result: the style rate when markers were given on free text (exact match of
+ * free text stays near 0 by design), else the first metric's score.
+ */
+export function primaryScore(metrics: readonly TaskMetricName[]): TaskScoreName {
+  if (metrics[0] === 'exact_match' && metrics.includes('style')) return 'style';
+  return scoreNames(metrics)[0]!;
+}
+
 /** Scores of one output for the chosen metrics. */
 export function scoreOutput(
   output: string,
@@ -490,7 +499,7 @@ export function modelGenerator(
           let ids = toks[j]!.slice(0, r.maxTokens);
           const eos = ids.findIndex((t) => tok.isEos(t));
           if (eos >= 0) ids = ids.slice(0, eos);
-          out[i] = cutAtStop(tok.decode(ids, { skipSpecialTokens: true }), r.stop);
+          out[i] = cutAtStop(decodeAfter(tok, r.promptIds, ids), r.stop);
         });
         opts.onBatch?.(Math.min(k + batchSize, order.length), order.length);
       }

@@ -410,6 +410,9 @@ test('native gemm rejects out-of-bounds and malformed arguments without touching
   assert.throws(() => n.gemm(true, false, 3, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError); // A^T [4, 3] with lda 4: 15 elements
   assert.throws(() => n.gemm(false, false, 3.5, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError); // non-integer
   assert.throws(() => n.gemm(false, false, -1, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError);
+  assert.throws(() => n.gemm(false, false, 1e300, 5, 4, 1, A, 0, 4, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError);
+  assert.throws(() => n.gemm(false, false, 3, 5, 4, 1, A, Number.NaN, 4, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError);
+  assert.throws(() => n.gemm(false, false, 3, 5, 2 ** 40, 1, A, 0, 2 ** 40, 0, B, 0, 5, 0, 0, C, 0, 5), RangeError);
   assert.throws(() => n.gemm(false, false, 3, 5, 4, 1, A, 0, 4, 1, B, 0, 5, 0, 0, C, 0, 5), TypeError); // bf16 code, f32 array
   assert.throws(
     () => n.gemm(false, false, 3, 5, 4, 1, A, 0, 4, 3 as NativeDTypeCode, B, 0, 5, 0, 0, C, 0, 5),

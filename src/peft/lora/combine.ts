@@ -19,7 +19,8 @@
 //   pruned *_svd merges through the eigendecomposition of the dense delta's Gram matrix; the top singular triplets
 //   are those of torch.linalg.svd up to rounding and the signs of singular vectors (B A is unchanged). Components
 //   beyond the delta's rank (or beyond min(out, in)) are zero rows of A and columns of B, where PEFT has arbitrary
-//   orthonormal rows (or fails).
+//   orthonormal rows (or fails). The pruned *_svd types cost a dense O(n³) eigensolve per targeted matrix on the CPU
+//   (about 3 s for 576×1536); svd costs O((out + in) R²) with R the summed source ranks.
 // - Refused: a new name that exists (PEFT returns silently), a weights list of another length than the adapters
 //   (PEFT's zip truncates), DoRA or lora_bias sources (PEFT gives the new adapter a freshly initialised magnitude or
 //   bias instead of combining them), linear-family layers whose ranks differ (PEFT fails in torch.stack).
@@ -652,8 +653,7 @@ export function addWeightedAdapter(
         'adapters',
         `'${adapters[i]}' uses DoRA; DoRA adapters cannot be combined (their magnitude vectors have no combination rule)`,
       );
-    if (c.lora_bias)
-      fail('adapters', `'${adapters[i]}' has lora_bias; adapters with a LoRA bias cannot be combined`);
+    if (c.lora_bias) fail('adapters', `'${adapters[i]}' has lora_bias; adapters with a LoRA bias cannot be combined`);
   });
 
   // the new rank, as PEFT's _check_add_weighted_adapter

@@ -1,6 +1,29 @@
 // LoRA / DoRA with Hugging Face PEFT parity: the public surface of src/peft/lora.
 
 export {
+  type AddWeightedAdapterOptions,
+  addWeightedAdapter,
+  COMBINATION_TYPES,
+  type CombinationType,
+  calculateMajoritySignMask,
+  disjointMerge,
+  type LoraFactors,
+  type MajoritySignMethod,
+  magnitudeBasedPruning,
+  mergeTaskTensors,
+  prune,
+  quantile,
+  randomPruning,
+  svdOfProduct,
+  svdToFactors,
+  symmetricEigen,
+  type TaskMerge,
+  type TaskMergeOptions,
+  taskArithmetic,
+  topSvd,
+  type WeightedAdapterResult,
+} from './combine.ts';
+export {
   ADAPTER_CONFIG_KEYS,
   adapterConfigToJson,
   type InitLoraWeights,

@@ -1,0 +1,398 @@
+// Fused attention, flash style: no Tq x Tk matrix exists, only a tile of scores per (query block, key block).
+//
+// Forward: one task per (batch, kv head, query block); the query block holds Bq positions x the G query heads
+// that share the kv head (GQA: every K/V block is converted once and used by all G heads). Per key block:
+// S = Q K^T (scores pre-multiplied by scale * log2 e, so exp is exp2), masked, online softmax (running max m,
+// sum l, output O rescaled by 2^(m_old - m_new)), O += P V. The output is O / l, lse = m ln 2 + ln l.
+//
+// Invariance: query blocks are aligned to the end of Tq and key blocks to the last position of their query
+// block, so the arithmetic of a row depends only on the keys it sees relative to its own position. A
+// sequence right-aligned in a padded batch (serve/kv.ts) therefore gets bit-identical outputs to the same
+// sequence alone: the extra blocks of padding are fully masked (a no-op), the partial block holds the same
+// keys in the same slots. Masked key slots have their K and V zeroed, so garbage in padding never leaks.
+//
+// Backward (FlashAttention-2 order, recomputing P = exp2(S - lse) from the saved lse): one task per (batch,
+// kv head), so dK, dV and dQ of a task are written by that task alone (no atomics, any thread count gives
+// the same bits). Per key block: dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dK += dS^T Q,
+// dQ += dS K.
+
+namespace {
+
+constexpr int BK = 4 * VW;  // keys per block
+constexpr int NVK = BK / VW;
+constexpr int SR = VW == 16 ? 4 : 2;  // rows per score micro-tile
+constexpr int64_t RT = 64;            // rows (positions x heads) per query tile
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr double kLn2 = 0.693147180559945309;
+
+inline int64_t rup(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// S[r][0:BK] = sum_d Q[r][d] Kt[d][0:BK] for NR rows (Q rows of stride DP).
+template <int NR>
+inline void s_tile(const float* Q, int64_t DP, int64_t D, const float* Kt, float* S) {
+  vf acc[NR][NVK];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NVK; ++v) acc[r][v] = vset(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    vf kv[NVK];
+    for (int v = 0; v < NVK; ++v) kv[v] = vload(Kt + d * BK + v * VW);
+    for (int r = 0; r < NR; ++r) {
+      const vf a = vset(Q[r * DP + d]);
+      for (int v = 0; v < NVK; ++v) acc[r][v] = vfma(a, kv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NVK; ++v) vstore(S + r * BK + v * VW, acc[r][v]);
+}
+
+void s_rows(const float* Q, int64_t R, int64_t DP, int64_t D, const float* Kt, float* S) {
+  int64_t r = 0;
+  for (; r + SR <= R; r += SR) s_tile<SR>(Q + r * DP, DP, D, Kt, S + r * BK);
+  for (; r < R; ++r) s_tile<1>(Q + r * DP, DP, D, Kt, S + r * BK);
+}
+
+// O[r][d0 : d0 + NDV VW] = O * scale_r + sum_jj P[r][jj] X[jj][...] for NR rows (scale_r = 1 when al null).
+template <int NR, int NDV>
+inline void pv_tile(const float* P, const float* X, int64_t DP, int64_t d0, float* O, const float* al) {
+  vf acc[NR][NDV];
+  for (int r = 0; r < NR; ++r) {
+    const vf s = vset(al ? al[r] : 1.0f);
+    for (int v = 0; v < NDV; ++v) {
+      const vf o = vload(O + r * DP + d0 + v * VW);
+      acc[r][v] = al ? o * s : o;
+    }
+  }
+  for (int jj = 0; jj < BK; ++jj) {
+    vf xv[NDV];
+    for (int v = 0; v < NDV; ++v) xv[v] = vload(X + jj * DP + d0 + v * VW);
+    for (int r = 0; r < NR; ++r) {
+      const vf a = vset(P[r * BK + jj]);
+      for (int v = 0; v < NDV; ++v) acc[r][v] = vfma(a, xv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NDV; ++v) vstore(O + r * DP + d0 + v * VW, acc[r][v]);
+}
+
+template <int NR>
+void pv_rows_nr(const float* P, const float* X, int64_t DP, float* O, const float* al) {
+  int64_t d0 = 0;
+  for (; d0 + 4 * VW <= DP; d0 += 4 * VW) pv_tile<NR, 4>(P, X, DP, d0, O, al);
+  for (; d0 < DP; d0 += VW) pv_tile<NR, 1>(P, X, DP, d0, O, al);
+}
+
+void pv_rows(const float* P, int64_t R, const float* X, int64_t DP, float* O, const float* al) {
+  int64_t r = 0;
+  for (; r + SR <= R; r += SR) pv_rows_nr<SR>(P + r * BK, X, DP, O + r * DP, al ? al + r : nullptr);
+  for (; r < R; ++r) pv_rows_nr<1>(P + r * BK, X, DP, O + r * DP, al ? al + r : nullptr);
+}
+
+// Acc[jj][d0 : ...] += sum_r P[r][jj] Y[r][...] for keys jj in [j, j + NJK): the transposed products of the
+// backward (dV += P^T dO, dK += dS^T Q).
+template <int NJK, int NDV>
+inline void at_tile(const float* P, int64_t R, const float* Y, int64_t DP, int64_t j, int64_t d0, float* Acc) {
+  vf acc[NJK][NDV];
+  for (int q = 0; q < NJK; ++q)
+    for (int v = 0; v < NDV; ++v) acc[q][v] = vload(Acc + (j + q) * DP + d0 + v * VW);
+  for (int64_t r = 0; r < R; ++r) {
+    vf yv[NDV];
+    for (int v = 0; v < NDV; ++v) yv[v] = vload(Y + r * DP + d0 + v * VW);
+    for (int q = 0; q < NJK; ++q) {
+      const vf a = vset(P[r * BK + j + q]);
+      for (int v = 0; v < NDV; ++v) acc[q][v] = vfma(a, yv[v], acc[q][v]);
+    }
+  }
+  for (int q = 0; q < NJK; ++q)
+    for (int v = 0; v < NDV; ++v) vstore(Acc + (j + q) * DP + d0 + v * VW, acc[q][v]);
+}
+
+void at_rows(const float* P, int64_t R, const float* Y, int64_t DP, float* Acc) {
+  constexpr int NJK = VW == 16 ? 4 : 2;
+  for (int64_t j = 0; j < BK; j += NJK) {
+    int64_t d0 = 0;
+    for (; d0 + 4 * VW <= DP; d0 += 4 * VW) at_tile<NJK, 4>(P, R, Y, DP, j, d0, Acc);
+    for (; d0 < DP; d0 += VW) at_tile<NJK, 1>(P, R, Y, DP, j, d0, Acc);
+  }
+}
+
+inline bool key_valid(const AttnArgs& a, int64_t b, int64_t j) {
+  if (j < 0 || j >= a.Tk) return false;
+  if (a.key_mask) {
+    const int64_t at = b * a.Tk + j;
+    if (a.mask_i32 ? ((const int32_t*)a.key_mask)[at] == 0 : ((const uint8_t*)a.key_mask)[at] == 0) return false;
+  }
+  return true;
+}
+
+// One key block [j0, j0 + BK) of kv head kvh: Kn, Vn [BK][DP] (natural, zero-padded), Kt, Vt [D][BK]
+// (transposed; Vt only when asked). Invalid slots are all zero. Returns whether any slot is valid.
+bool pack_kv(const AttnArgs& a, int64_t b, int64_t kvh, int64_t j0, int64_t DP, bool* kval, float* Kn, float* Vn,
+             float* Kt, float* Vt) {
+  const int64_t D = a.D;
+  bool any = false;
+  for (int64_t jj = 0; jj < BK; ++jj) {
+    const int64_t j = j0 + jj;
+    kval[jj] = key_valid(a, b, j);
+    float* kr = Kn + jj * DP;
+    float* vr = Vn + jj * DP;
+    if (kval[jj]) {
+      any = true;
+      load_row(a.k, a.kdt, b * a.ks[0] + j * a.ks[1] + kvh * a.ks[2], D, kr);
+      load_row(a.v, a.vdt, b * a.vs[0] + j * a.vs[1] + kvh * a.vs[2], D, vr);
+      for (int64_t d = D; d < DP; ++d) kr[d] = vr[d] = 0.0f;
+    } else {
+      for (int64_t d = 0; d < DP; ++d) kr[d] = vr[d] = 0.0f;
+    }
+  }
+  if (!any) return false;
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t jj = 0; jj < BK; ++jj) Kt[d * BK + jj] = Kn[jj * DP + d];
+  if (Vt)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t jj = 0; jj < BK; ++jj) Vt[d * BK + jj] = Vn[jj * DP + d];
+  return true;
+}
+
+// Sets S[r][jj] = -inf where row r (position prow[r], sequence srow[r]) does not see key j0 + jj.
+void mask_scores(const AttnArgs& a, int64_t b, int64_t j0, const bool* kval, const int64_t* prow, const int32_t* srow,
+                 int64_t R, float* S) {
+  const int32_t* seq = a.seq_ids ? a.seq_ids + b * a.Tk : nullptr;
+  int64_t pmin = prow[0], pmax = prow[0];
+  for (int64_t r = 1; r < R; ++r) {
+    if (prow[r] < pmin) pmin = prow[r];
+    if (prow[r] > pmax) pmax = prow[r];
+  }
+  bool full = j0 >= 0 && j0 + BK - 1 <= pmin && (a.window <= 0 || j0 > pmax - a.window);
+  for (int64_t jj = 0; full && jj < BK; ++jj) full = kval[jj];
+  if (full && seq) {
+    const int32_t s0 = seq[j0];
+    for (int64_t jj = 0; full && jj < BK; ++jj) full = seq[j0 + jj] == s0;
+    for (int64_t r = 0; full && r < R; ++r) full = srow[r] == s0;
+  }
+  if (full) return;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t p = prow[r];
+    float* s = S + r * BK;
+    for (int64_t jj = 0; jj < BK; ++jj) {
+      const int64_t j = j0 + jj;
+      bool vis = kval[jj] && j <= p && (a.window <= 0 || j > p - a.window);
+      if (vis && seq) vis = seq[j] == srow[r];
+      if (!vis) s[jj] = -INFINITY;
+    }
+  }
+}
+
+thread_local Scratch tls_attn;
+
+void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
+  const int64_t G = a.Hq / a.Hkv, D = a.D, DP = rup(D, VW);
+  const int64_t Bq = G >= RT ? 1 : RT / G;
+  const int64_t nqb = (a.Tq + Bq - 1) / Bq;
+  const float qscale = a.scale * kLog2e;
+  const int64_t off = a.Tk - a.Tq;
+  par_tasks(a.B * a.Hkv * nqb, threads, [&](int64_t task) {
+    const int64_t b = task / (a.Hkv * nqb), kvh = (task / nqb) % a.Hkv, qb = task % nqb;
+    const int64_t t1 = a.Tq - qb * Bq, t0 = t1 - Bq > 0 ? t1 - Bq : 0;
+    const int64_t R = (t1 - t0) * G;
+    // scratch: Qs, O [R][DP]; S [R][BK]; m, l, al [R]; Kn, Vn [BK][DP]; Kt [D][BK]
+    const size_t nfl = (size_t)(2 * R * DP + R * BK + 3 * R + 2 * BK * DP + D * BK + 8 * VW);
+    float* Qs = tls_attn.get<float>(nfl + (size_t)(R * 3 + BK));
+    float* O = Qs + R * DP;
+    float* S = O + R * DP;
+    float* m = S + R * BK;
+    float* l = m + R;
+    float* al = l + R;
+    float* Kn = al + R;
+    float* Vn = Kn + BK * DP;
+    float* Kt = Vn + BK * DP;
+    int64_t* prow = (int64_t*)(((uintptr_t)(Kt + D * BK + VW) + 7) & ~(uintptr_t)7);
+    int32_t* srow = (int32_t*)(prow + R);
+    bool* kval = (bool*)(srow + R);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = t0 + r / G, h = kvh * G + r % G;
+      float* qr = Qs + r * DP;
+      load_row(a.q, a.qdt, b * a.qs[0] + t * a.qs[1] + h * a.qs[2], D, qr);
+      for (int64_t d = 0; d < D; ++d) qr[d] *= qscale;
+      for (int64_t d = D; d < DP; ++d) qr[d] = 0.0f;
+      for (int64_t d = 0; d < DP; ++d) O[r * DP + d] = 0.0f;
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+      prow[r] = off + t;
+      srow[r] = a.seq_ids ? a.seq_ids[b * a.Tk + off + t] : 0;
+    }
+    const int64_t pmin = off + t0, pmax = off + t1 - 1;
+    const int64_t jlo = a.window > 0 ? (pmin - a.window + 1 > 0 ? pmin - a.window + 1 : 0) : 0;
+    const int64_t nblk = (pmax + 1 - jlo + BK - 1) / BK;
+    for (int64_t e = nblk - 1; e >= 0; --e) {
+      const int64_t j0 = pmax + 1 - (e + 1) * BK;
+      if (!pack_kv(a, b, kvh, j0, DP, kval, Kn, Vn, Kt, nullptr)) continue;
+      s_rows(Qs, R, DP, D, Kt, S);
+      mask_scores(a, b, j0, kval, prow, srow, R, S);
+      for (int64_t r = 0; r < R; ++r) {
+        float* sr = S + r * BK;
+        vf mv = vset(-INFINITY);
+        for (int v = 0; v < NVK; ++v) mv = vmax(mv, vload(sr + v * VW));
+        const float mb = hmax_nan(mv);
+        const float mn = mb > m[r] || mb != mb ? mb : m[r];
+        if (mn == -INFINITY) {
+          al[r] = 1.0f;
+          for (int v = 0; v < NVK; ++v) vstore(sr + v * VW, vset(0.0f));
+          continue;
+        }
+        al[r] = m[r] == -INFINITY ? 0.0f : vexp2(vset(m[r] - mn))[0];
+        vf sum = vset(0.0f);
+        const vf mnv = vset(mn);
+        for (int v = 0; v < NVK; ++v) {
+          const vf p = vexp2(vload(sr + v * VW) - mnv);
+          vstore(sr + v * VW, p);
+          sum += p;
+        }
+        l[r] = l[r] * al[r] + hsum(sum);
+        m[r] = mn;
+      }
+      pv_rows(S, R, Vn, DP, O, al);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = t0 + r / G, h = kvh * G + r % G;
+      float* o = out + ((b * a.Tq + t) * a.Hq + h) * D;
+      float* li = lse + (b * a.Hq + h) * a.Tq + t;
+      if (l[r] > 0.0f) {
+        const float* orow = O + r * DP;
+        for (int64_t d = 0; d < D; ++d) o[d] = orow[d] / l[r];
+        *li = (float)((double)m[r] * kLn2 + log((double)l[r]));
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+        *li = -INFINITY;
+      }
+    }
+  });
+}
+
+void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const float* gout, float* dq, float* dk,
+                float* dv, int threads) {
+  const int64_t G = a.Hq / a.Hkv, D = a.D, DP = rup(D, VW);
+  const int64_t Bq = G >= RT ? 1 : RT / G;
+  const float qscale = a.scale * kLog2e;
+  const int64_t off = a.Tk - a.Tq;
+  const int64_t Rall = a.Tq * G;
+  par_tasks(a.B * a.Hkv, threads, [&](int64_t task) {
+    const int64_t b = task / a.Hkv, kvh = task % a.Hkv;
+    // scratch: Qs, dO, dQ [Rall][DP]; Dd, L2 [Rall]; S, dP [RT'][BK]; Kn, Vn, dK, dV [BK][DP]; Kt, Vt [D][BK]
+    const int64_t Rt = Bq * G;
+    const size_t nfl = (size_t)(3 * Rall * DP + 2 * Rall + 2 * Rt * BK + 4 * BK * DP + 2 * D * BK + 8 * VW);
+    float* Qs = tls_attn.get<float>(nfl + (size_t)(3 * Rt + BK));
+    float* dO = Qs + Rall * DP;
+    float* dQ = dO + Rall * DP;
+    float* Dd = dQ + Rall * DP;
+    float* L2 = Dd + Rall;
+    float* S = L2 + Rall;
+    float* dP = S + Rt * BK;
+    float* Kn = dP + Rt * BK;
+    float* Vn = Kn + BK * DP;
+    float* dK = Vn + BK * DP;
+    float* dV = dK + BK * DP;
+    float* Kt = dV + BK * DP;
+    float* Vt = Kt + D * BK;
+    int64_t* prow = (int64_t*)(((uintptr_t)(Vt + D * BK + VW) + 7) & ~(uintptr_t)7);
+    int32_t* srow = (int32_t*)(prow + Rt);
+    bool* kval = (bool*)(srow + Rt);
+    for (int64_t r = 0; r < Rall; ++r) {
+      const int64_t t = r / G, h = kvh * G + r % G;
+      float* qr = Qs + r * DP;
+      load_row(a.q, a.qdt, b * a.qs[0] + t * a.qs[1] + h * a.qs[2], D, qr);
+      for (int64_t d = 0; d < D; ++d) qr[d] *= qscale;
+      const int64_t oi = ((b * a.Tq + t) * a.Hq + h) * D;
+      float* gr = dO + r * DP;
+      double dot = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        gr[d] = gout[oi + d];
+        dot += (double)gout[oi + d] * (double)out[oi + d];
+      }
+      for (int64_t d = D; d < DP; ++d) qr[d] = gr[d] = 0.0f;
+      for (int64_t d = 0; d < DP; ++d) dQ[r * DP + d] = 0.0f;
+      Dd[r] = (float)dot;
+      const float L = lse[(b * a.Hq + h) * a.Tq + t];
+      L2[r] = L == -INFINITY ? -INFINITY : L * kLog2e;
+    }
+    const int64_t nkb = (a.Tk + BK - 1) / BK;
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * BK, j1 = j0 + BK < a.Tk ? j0 + BK : a.Tk;
+      // query positions that may see a key of this block
+      int64_t tlo = j0 - off > 0 ? j0 - off : 0;
+      int64_t thi = a.Tq;
+      if (a.window > 0) {
+        const int64_t lim = j1 - 1 + a.window - 1 - off + 1;  // p <= j1 - 2 + window
+        if (lim < thi) thi = lim;
+      }
+      if (tlo >= thi) continue;
+      if (!pack_kv(a, b, kvh, j0, DP, kval, Kn, Vn, Kt, Vt)) continue;
+      for (int64_t i = 0; i < BK * DP; ++i) dK[i] = dV[i] = 0.0f;
+      for (int64_t tq0 = tlo; tq0 < thi; tq0 += Bq) {
+        const int64_t tq1 = tq0 + Bq < thi ? tq0 + Bq : thi;
+        const int64_t R = (tq1 - tq0) * G;
+        const int64_t r0 = tq0 * G;
+        for (int64_t r = 0; r < R; ++r) {
+          prow[r] = off + tq0 + r / G;
+          srow[r] = a.seq_ids ? a.seq_ids[b * a.Tk + prow[r]] : 0;
+        }
+        s_rows(Qs + r0 * DP, R, DP, D, Kt, S);
+        mask_scores(a, b, j0, kval, prow, srow, R, S);
+        s_rows(dO + r0 * DP, R, DP, D, Vt, dP);
+        for (int64_t r = 0; r < R; ++r) {
+          float* sr = S + r * BK;
+          float* dr = dP + r * BK;
+          const float L = L2[r0 + r];
+          if (L == -INFINITY) {
+            for (int v = 0; v < NVK; ++v) vstore(sr + v * VW, vset(0.0f)), vstore(dr + v * VW, vset(0.0f));
+            continue;
+          }
+          const vf Lv = vset(L), Dv = vset(Dd[r0 + r]);
+          for (int v = 0; v < NVK; ++v) {
+            const vf p = vexp2(vload(sr + v * VW) - Lv);
+            vstore(sr + v * VW, p);
+            vstore(dr + v * VW, p * (vload(dr + v * VW) - Dv));
+          }
+        }
+        at_rows(S, R, dO + r0 * DP, DP, dV);   // dV += P^T dO
+        at_rows(dP, R, Qs + r0 * DP, DP, dK);  // dK += dS^T Qs
+        pv_rows(dP, R, Kn, DP, dQ + r0 * DP, nullptr);  // dQ += dS K
+      }
+      for (int64_t jj = 0; jj < j1 - j0; ++jj) {
+        const int64_t o = ((b * a.Tk + j0 + jj) * a.Hkv + kvh) * D;
+        if (dk)
+          for (int64_t d = 0; d < D; ++d) dk[o + d] = (float)((double)dK[jj * DP + d] * kLn2);
+        if (dv)
+          for (int64_t d = 0; d < D; ++d) dv[o + d] = dV[jj * DP + d];
+      }
+    }
+    // key blocks never visited leave zeros
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * BK, j1 = j0 + BK < a.Tk ? j0 + BK : a.Tk;
+      int64_t tlo = j0 - off > 0 ? j0 - off : 0;
+      int64_t thi = a.Tq;
+      if (a.window > 0) {
+        const int64_t lim = j1 - 1 + a.window - 1 - off + 1;
+        if (lim < thi) thi = lim;
+      }
+      bool any = false;
+      for (int64_t j = j0; j < j1 && !any; ++j) any = key_valid(a, b, j);
+      if (tlo < thi && any) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t o = ((b * a.Tk + j) * a.Hkv + kvh) * D;
+        if (dk)
+          for (int64_t d = 0; d < D; ++d) dk[o + d] = 0.0f;
+        if (dv)
+          for (int64_t d = 0; d < D; ++d) dv[o + d] = 0.0f;
+      }
+    }
+    if (dq) {
+      for (int64_t r = 0; r < Rall; ++r) {
+        const int64_t t = r / G, h = kvh * G + r % G;
+        float* o = dq + ((b * a.Tq + t) * a.Hq + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = a.scale * dQ[r * DP + d];
+      }
+    }
+  });
+}
+
+}  // namespace

@@ -1,0 +1,386 @@
+// The row-invariant GEMM behind Backend.gemm: one row of C comes out bit-identical whatever M is (how many
+// rows share the call), so a sequence gives the same logits alone as in a mixed batch.
+//
+// The blocked GEMM (gemm_driver.h) computes every element of C as a chain of FMAs over k that restarts at
+// each KC block: c = chain(0..KC); c = c + chain(KC..2KC); ... (alpha applied per block). Its skinny path
+// (M <= 16 or N <= 16) instead sums k in vector lanes and reduces at the end, a different rounding, so a row
+// computed with 3 others differed in the last bits from the same row computed with 30 others.
+//
+// Here: shapes with M > 16 and N > 16 go to the blocked GEMM; the others to rg_run below, which computes
+// exactly the blocked GEMM's chains (same KC, read from the GEMM; the same FMA or, on the generic build,
+// multiply-then-add) with small tiles. The blocked micro-kernel finishes full and partial tiles differently
+// when alpha != 1 and a block is added to C, so before either path: beta not in {0, 1} is applied to C first
+// (c = beta c, then beta = 1), and alpha != 1 is folded into B (b' = alpha b, rounded) whenever C
+// accumulates (beta = 1 or more than one KC block). Every element then depends only on its own row of A,
+// B, K and the ISA; test/backend/native-kernels.test.ts checks this bit for bit against M.
+
+namespace {
+
+constexpr int64_t kSkinnyMax = 16;  // the GEMM's skinny threshold (gemm_driver.h kSkinny)
+constexpr int NJ = 2 * VW;          // columns per B panel
+constexpr int RMAX = VW == 16 ? 12 : (VW == 8 ? 6 : 4);
+
+int64_t blocked_kc() {
+  int64_t o[3];
+  LR_GEMM_IMPL()->blocking(0, 0, 0, o);
+  return o[0];
+}
+
+// dst[t * dstride + jj] = M(row jj, k t) for jj < VW (0 for jj >= nr), t < kn; M row jj starts at
+// p + base + jj * rstride (contiguous along k). Stores `lanes` lanes per t.
+void load_block_t(const void* p, int dt, int64_t base, int64_t rstride, int64_t nr, int64_t kn, float* dst,
+                  int64_t dstride, int lanes) {
+#if defined(__AVX512F__) && LR_VW == 16
+  __m512 r[16];
+  const __mmask16 km = (__mmask16)(kn >= 16 ? 0xffff : (1u << kn) - 1);
+  for (int i = 0; i < 16; ++i) {
+    if (i >= nr) {
+      r[i] = _mm512_setzero_ps();
+      continue;
+    }
+    const int64_t at = base + i * rstride;
+    if (dt == kOpF32) {
+      r[i] = _mm512_maskz_loadu_ps(km, (const float*)p + at);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(km, (const uint16_t*)p + at);
+      r[i] = dt == kOpBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+    }
+  }
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i + 0] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    t[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+    t[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  }
+  const __mmask16 sm = (__mmask16)(lanes >= 16 ? 0xffff : (1u << lanes) - 1);
+  for (int64_t i = 0; i < kn; ++i) _mm512_mask_storeu_ps(dst + i * dstride, sm, t[i]);
+#elif defined(__AVX2__) && LR_VW == 8
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) {
+    if (i >= nr) {
+      r[i] = _mm256_setzero_ps();
+      continue;
+    }
+    const int64_t at = base + i * rstride;
+    alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (dt == kOpF32 && kn == 8) {
+      r[i] = _mm256_loadu_ps((const float*)p + at);
+      continue;
+    }
+    if (dt == kOpF16 && kn == 8) {
+      r[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + at)));
+      continue;
+    }
+    for (int64_t k = 0; k < kn; ++k) tmp[k] = ld1dt(p, dt, at + k);
+    r[i] = _mm256_load_ps(tmp);
+  }
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  __m256 o[8];
+  o[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  o[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  o[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  o[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  o[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  o[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  o[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  o[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+  for (int64_t i = 0; i < kn; ++i) {
+    if (lanes >= 8) {
+      _mm256_storeu_ps(dst + i * dstride, o[i]);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, o[i]);
+      for (int l = 0; l < lanes; ++l) dst[i * dstride + l] = tmp[l];
+    }
+  }
+#else
+  for (int64_t t = 0; t < kn; ++t)
+    for (int jj = 0; jj < lanes; ++jj) dst[t * dstride + jj] = jj < nr ? ld1dt(p, dt, base + jj * rstride + t) : 0.0f;
+#endif
+}
+
+struct RG {
+  int64_t M, N, K;
+  Operand A, B;  // A(i, k) at A.p[i * rs + k * cs]; B(k, j) likewise
+  float* C;
+  int64_t ldc;
+  float alpha;  // != 1 only with a single KC block written (not added) to C
+  bool add;     // C += A B (else C = alpha A B)
+};
+
+// Bp[k * NJ + jj] = B(k0 + k, j0 + jj), zero past N.
+void rg_pack_b(const RG& g, int64_t k0, int64_t kc, int64_t j0, float* Bp) {
+  const int64_t ncols = g.N - j0 < NJ ? g.N - j0 : NJ;
+  const Operand& B = g.B;
+  if (B.cs == 1) {
+    for (int64_t k = 0; k < kc; ++k) {
+      float* d = Bp + k * NJ;
+      load_row(B.p, B.dtype, (k0 + k) * B.rs + j0, ncols, d);
+      for (int64_t jj = ncols; jj < NJ; ++jj) d[jj] = 0.0f;
+    }
+  } else if (B.rs == 1) {
+    for (int v = 0; v < 2; ++v) {
+      const int64_t nr = ncols - v * VW;
+      for (int64_t kb = 0; kb < kc; kb += VW) {
+        const int64_t kn = kc - kb < VW ? kc - kb : VW;
+        if (nr <= 0) {
+          for (int64_t t = 0; t < kn; ++t) vstore(Bp + (kb + t) * NJ + v * VW, vset(0.0f));
+        } else {
+          load_block_t(B.p, B.dtype, (j0 + v * VW) * B.cs + k0 + kb, B.cs, nr, kn, Bp + kb * NJ + v * VW, NJ, VW);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t jj = 0; jj < NJ; ++jj)
+        Bp[k * NJ + jj] = jj < ncols ? ld1dt(B.p, B.dtype, (k0 + k) * B.rs + (j0 + jj) * B.cs) : 0.0f;
+  }
+}
+
+// Ap[k * RMAX + r] = A(i0 + r, k0 + k) for r < rows (others 0).
+void rg_pack_a(const RG& g, int64_t i0, int64_t rows, int64_t k0, int64_t kc, float* Ap) {
+  const Operand& A = g.A;
+  if (A.rs == 1) {
+    for (int64_t k = 0; k < kc; ++k) {
+      float* d = Ap + k * RMAX;
+      load_row(A.p, A.dtype, (k0 + k) * A.cs + i0, rows, d);
+      for (int64_t r = rows; r < RMAX; ++r) d[r] = 0.0f;
+    }
+  } else if (A.cs == 1) {
+    for (int64_t kb = 0; kb < kc; kb += VW) {
+      const int64_t kn = kc - kb < VW ? kc - kb : VW;
+      load_block_t(A.p, A.dtype, i0 * A.rs + k0 + kb, A.rs, rows, kn, Ap + kb * RMAX, RMAX, RMAX);
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t r = 0; r < RMAX; ++r)
+        Ap[k * RMAX + r] = r < rows ? ld1dt(A.p, A.dtype, (i0 + r) * A.rs + (k0 + k) * A.cs) : 0.0f;
+  }
+}
+
+// One tile: R rows x NJ columns over kc, written (first block, !add) or added to C.
+template <int R>
+void rg_tile(int64_t kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int64_t ldc,
+             int64_t ncols, bool write, float alpha) {
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vset(0.0f);
+  for (int64_t k = 0; k < kc; ++k) {
+    const vf b0 = vload(Bp + k * NJ), b1 = vload(Bp + k * NJ + VW);
+    for (int r = 0; r < R; ++r) {
+      const vf a = vset(Ap[k * RMAX + r]);
+      acc[r][0] = vfma(a, b0, acc[r][0]);
+      acc[r][1] = vfma(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 2; ++v) {
+      const int64_t cols = ncols - v * VW;
+      if (cols <= 0) continue;
+      float* c = C + r * ldc + v * VW;
+      vf val = acc[r][v];
+      if (write) {
+        if (alpha != 1.0f) val = val * vset(alpha);
+      } else {
+        val = vload_part(c, cols) + val;
+      }
+      vstore_part(c, val, cols);
+    }
+  }
+}
+
+void rg_tile_any(int64_t rows, int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t ncols,
+                 bool write, float alpha) {
+  switch (rows) {
+    case 1: rg_tile<1>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 2: rg_tile<2>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 3: rg_tile<3>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 4: rg_tile<4>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+#if LR_VW >= 8
+    case 5: rg_tile<5>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 6: rg_tile<6>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+#endif
+#if LR_VW >= 16
+    case 7: rg_tile<7>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 8: rg_tile<8>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 9: rg_tile<9>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 10: rg_tile<10>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 11: rg_tile<11>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+    case 12: rg_tile<12>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
+#endif
+    default: break;
+  }
+}
+
+thread_local Scratch tls_rg_a, tls_rg_b;
+
+// The blocked GEMM's arithmetic with small tiles (for M <= 16 or N <= 16). Threads split the column panels
+// (few rows) or the row groups (few columns); each element's chain is the same either way.
+void rg_run(const RG& g, int threads) {
+  if (g.M <= 0 || g.N <= 0 || g.K <= 0) return;
+  const int64_t KC = blocked_kc();
+  const int64_t nJ = (g.N + NJ - 1) / NJ, nG = (g.M + RMAX - 1) / RMAX;
+  const bool by_cols = nJ >= nG;
+  const double flops = 2.0 * (double)g.M * (double)g.N * (double)g.K;
+  int T = flops < 1.0e6 ? 1 : threads;
+  if (by_cols) {
+    // Few rows: A (M <= 16 rows) packed once per thread, whole K; threads take column panels.
+    par_ranges(nJ, T, 1, [&](int64_t p0, int64_t p1) {
+      float* Ap = tls_rg_a.get<float>((size_t)(nG * g.K * RMAX + VW));
+      float* Bp = tls_rg_b.get<float>((size_t)(KC * NJ + VW));
+      for (int64_t gi = 0; gi < nG; ++gi) {
+        const int64_t rows = g.M - gi * RMAX < RMAX ? g.M - gi * RMAX : RMAX;
+        rg_pack_a(g, gi * RMAX, rows, 0, g.K, Ap + gi * g.K * RMAX);
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t j0 = p * NJ;
+        const int64_t ncols = g.N - j0 < NJ ? g.N - j0 : NJ;
+        for (int64_t k0 = 0; k0 < g.K; k0 += KC) {
+          const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
+          rg_pack_b(g, k0, kc, j0, Bp);
+          const bool write = k0 == 0 && !g.add;
+          for (int64_t gi = 0; gi < nG; ++gi) {
+            const int64_t rows = g.M - gi * RMAX < RMAX ? g.M - gi * RMAX : RMAX;
+            rg_tile_any(rows, kc, Ap + gi * g.K * RMAX + k0 * RMAX, Bp, g.C + gi * RMAX * g.ldc + j0, g.ldc, ncols,
+                        write, g.alpha);
+          }
+        }
+      }
+    });
+    return;
+  }
+  // Few columns (N <= 32 here): threads take row groups; B panels are packed per thread and K block.
+  par_ranges(nG, T, 1, [&](int64_t g0, int64_t g1) {
+    float* Ap = tls_rg_a.get<float>((size_t)(KC * RMAX + VW));
+    float* Bp = tls_rg_b.get<float>((size_t)(nJ * KC * NJ + VW));
+    for (int64_t k0 = 0; k0 < g.K; k0 += KC) {
+      const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
+      for (int64_t p = 0; p < nJ; ++p) rg_pack_b(g, k0, kc, p * NJ, Bp + p * KC * NJ);
+      const bool write = k0 == 0 && !g.add;
+      for (int64_t gi = g0; gi < g1; ++gi) {
+        const int64_t rows = g.M - gi * RMAX < RMAX ? g.M - gi * RMAX : RMAX;
+        rg_pack_a(g, gi * RMAX, rows, k0, kc, Ap);
+        for (int64_t p = 0; p < nJ; ++p) {
+          const int64_t ncols = g.N - p * NJ < NJ ? g.N - p * NJ : NJ;
+          rg_tile_any(rows, kc, Ap, Bp + p * KC * NJ, g.C + gi * RMAX * g.ldc + p * NJ, g.ldc, ncols, write, g.alpha);
+        }
+      }
+    }
+  });
+}
+
+inline int op_elsize(int dt) { return dt == kF32 ? 4 : 2; }
+
+// C = beta C over the M x N window (beta 0 writes zeros: C is not read).
+void scale_window(float* C, int64_t ldc, int64_t M, int64_t N, float beta) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.0f) {
+      for (int64_t j = 0; j < N; ++j) c[j] = 0.0f;
+    } else {
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+    }
+  }
+}
+
+// Routes one (batched) GEMM call with the row-invariant semantics described at the top of this file.
+void gemm_rows_k(const RowGemm& rgm, int threads) {
+  GemmCall g = rgm.g;
+  const int64_t batch = rgm.batch;
+  if (g.M <= 0 || g.N <= 0 || batch <= 0) return;
+  auto cmat = [&](int64_t b) { return g.C + b * rgm.sc; };
+  if (g.K <= 0 || g.alpha == 0.0f) {
+    for (int64_t b = 0; b < batch; ++b) scale_window(cmat(b), g.ldc, g.M, g.N, g.beta == 0.0f ? 0.0f : g.beta);
+    return;
+  }
+  if (g.beta != 0.0f && g.beta != 1.0f) {
+    for (int64_t b = 0; b < batch; ++b) scale_window(cmat(b), g.ldc, g.M, g.N, g.beta);
+    g.beta = 1.0f;
+  }
+  const int64_t KC = blocked_kc();
+  int64_t sb = rgm.sb;
+  float* folded = nullptr;
+  if (g.alpha != 1.0f && (g.beta == 1.0f || g.K > KC)) {
+    // b' = alpha b (rounded), dense [K, N] per distinct B matrix; then alpha = 1
+    const int64_t nb = sb == 0 ? 1 : batch;
+    folded = (float*)aligned_alloc(64, (size_t)(((nb * g.K * g.N * 4) + 63) / 64 * 64 + 64));
+    if (!folded) abort();
+    const float alpha = g.alpha;
+    const Operand B0 = g.B;
+    const int es = op_elsize(B0.dtype);
+    par_ranges(nb * g.K, threads, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / g.K, k = r % g.K;
+        const void* bp = (const char*)B0.p + b * sb * es;
+        float* d = folded + r * g.N;
+        if (B0.cs == 1) {
+          load_row(bp, B0.dtype, k * B0.rs, g.N, d);
+        } else {
+          for (int64_t j = 0; j < g.N; ++j) d[j] = ld1dt(bp, B0.dtype, k * B0.rs + j * B0.cs);
+        }
+        for (int64_t j = 0; j < g.N; ++j) d[j] = alpha * d[j];
+      }
+    });
+    g.B = Operand{folded, kF32, g.N, 1};
+    sb = sb == 0 ? 0 : g.K * g.N;
+    g.alpha = 1.0f;
+  }
+  if (g.M > kSkinnyMax && g.N > kSkinnyMax) {
+    BatchedCall bc;
+    bc.g = g;
+    bc.batch = batch;
+    bc.sa = rgm.sa;
+    bc.sb = sb;
+    bc.sc = rgm.sc;
+    LR_GEMM_IMPL()->gemm_batched(bc, threads);
+  } else {
+    const int esA = op_elsize(g.A.dtype), esB = op_elsize(g.B.dtype);
+    auto one = [&](int64_t b, int th) {
+      RG r;
+      r.M = g.M;
+      r.N = g.N;
+      r.K = g.K;
+      r.A = g.A;
+      r.A.p = (const char*)g.A.p + b * rgm.sa * esA;
+      r.B = g.B;
+      r.B.p = (const char*)g.B.p + b * sb * esB;
+      r.C = cmat(b);
+      r.ldc = g.ldc;
+      r.alpha = g.alpha;
+      r.add = g.beta == 1.0f;
+      rg_run(r, th);
+    };
+    const double flops = 2.0 * (double)g.M * (double)g.N * (double)g.K;
+    if (batch >= threads && threads > 1 && flops < 4.0e7) {
+      par_ranges(batch, threads, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) one(b, 1);
+      });
+    } else {
+      for (int64_t b = 0; b < batch; ++b) one(b, threads);
+    }
+  }
+  free(folded);
+}
+
+}  // namespace
