@@ -340,7 +340,8 @@ export async function runEval(
   };
   const json = `${JSON.stringify({ ...results, outputDir: undefined }, null, 2)}\n`;
   if (o.out) await writeFileAtomic(resolve(o.out), json);
-  if (cfg && existsSync(cfg.output_dir)) {
+  // the run's own results (not those of another --adapter) go beside it, into its report
+  if (cfg && existsSync(cfg.output_dir) && (artefact === null || artefact === cfg.output_dir)) {
     await writeFileAtomic(join(cfg.output_dir, 'eval_results.json'), json);
     const report = await writeRunReport(cfg.output_dir, runFacts(cfg));
     log(`wrote ${join(cfg.output_dir, 'eval_results.json')} and ${report}`);

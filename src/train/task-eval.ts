@@ -69,7 +69,8 @@ export interface TaskEvalOptions {
   maxNewTokens?: number;
   /** Sample outputs kept in the result (per generator). Default 5. */
   samples?: number;
-  onProgress?: (done: number, total: number, generator: string) => void;
+  /** Called when a generator has produced all its outputs, with the seconds since the start. */
+  onGenerated?: (generator: string, seconds: number) => void;
 }
 
 /** Scores of one generator, each in [0, 1] (means over the examples). */
@@ -401,7 +402,8 @@ export async function evaluateTask(
       );
   }
   const cap = opts.maxNewTokens ?? 256;
-  const stop = metrics[0] === 'accuracy' ? ['\n'] : [];
+  // a label is one line: stop there (unless markers may come later in the output)
+  const stop = metrics[0] === 'accuracy' && !metrics.includes('style') ? ['\n'] : [];
   const requests: TaskRequest[] = tasks.map((t) => ({
     promptIds: t.promptIds,
     maxTokens: generationBudget(t.referenceTokens, cap),
@@ -415,7 +417,7 @@ export async function evaluateTask(
       throw new Error(`generator '${name}' returned ${out.length} outputs for ${requests.length} prompts`);
     outputs[name] = out;
     scores[name] = scoreOutputs(out, references, metrics, markers);
-    opts.onProgress?.(tasks.length, tasks.length, name);
+    opts.onGenerated?.(name, (performance.now() - start) / 1000);
   }
   const nSamples = Math.min(opts.samples ?? 5, tasks.length);
   const samples: TaskSample[] = tasks.slice(0, nSamples).map((t, i) => ({

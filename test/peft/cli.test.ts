@@ -80,14 +80,16 @@ test('lowrank generate --adapter and lowrank merge (HF dir and GGUF) on stories2
   const gg = join(tmp, 'merged.gguf');
   lowrank('merge', '--model', STORIES, '--adapter', dir, '--out', gg, '--gguf');
   const merged = await loadModel(gg);
-  assert.ok(maxRelDiff(logitsOf(merged.model, [ids]), adapterLogits) < 1e-5);
+  // 1e-4: a backend that accumulates in f32 (the native GEMM) differs from the unmerged adapter by ~3e-5 on
+  // this strongly perturbed model (the f64 reference: ~3e-6)
+  assert.ok(maxRelDiff(logitsOf(merged.model, [ids]), adapterLogits) < 1e-4);
   assert.equal(generate(merged.model, loadTokenizer(gg), ids, { maxTokens: 12, temperature: 0 }).text, adapted);
 
   const hf = join(tmp, 'merged-hf');
   lowrank('merge', '--model', STORIES, '--adapter', dir, '--out', hf);
   assert.ok(existsSync(join(hf, 'config.json')) && existsSync(join(hf, 'model.safetensors')));
   const mhf = await loadModel(hf);
-  assert.ok(maxRelDiff(logitsOf(mhf.model, [ids]), adapterLogits) < 1e-5);
+  assert.ok(maxRelDiff(logitsOf(mhf.model, [ids]), adapterLogits) < 1e-4);
 
   let err = '';
   try {

@@ -108,7 +108,11 @@ const UNARY: Record<UnaryOp, number> = {
 const REDUCE: Record<ReduceOp, number> = { sum: 0, max: 1, min: 2 };
 const UNARY_GELU_TANH = 12;
 
-/** Below this many elements the call overhead of the addon is not worth it for memory-bound kernels. */
+/**
+ * Below this many elements the call overhead of the addon is not worth it. Only for kernels whose native
+ * result is bit-identical to the reference's: switching implementation by size must never change a value,
+ * or a row's result would depend on how many rows share the call.
+ */
 const SMALL = 256;
 
 /**
@@ -294,11 +298,11 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
       n.binary(BINARY[op], f(a), a.offset, f(b), b.offset, f(out), out.offset, stridedDesc(c));
     },
     unary(op: UnaryOp, x: Tensor, out: Tensor, scalar = 0): void {
-      if (x.size < SMALL || !f32c(x) || !f32c(out)) return js.unary(op, x, out, scalar);
+      if (!f32c(x) || !f32c(out)) return js.unary(op, x, out, scalar);
       n.unary(UNARY[op], f(x), x.offset, f(out), out.offset, x.size, scalar);
     },
     reduce(op: ReduceOp, x: Tensor, out: Tensor, outer: number, len: number, inner: number): void {
-      if (x.size < SMALL || !f32c(x) || !f32c(out)) return js.reduce(op, x, out, outer, len, inner);
+      if (!f32c(x) || !f32c(out)) return js.reduce(op, x, out, outer, len, inner);
       n.reduce(REDUCE[op], f(x), x.offset, f(out), out.offset, outer, len, inner);
     },
     gatherRows(x: Tensor, idx: Tensor, out: Tensor, cols: number): void {
@@ -393,12 +397,12 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     },
 
     swigluForward(gate, up, out) {
-      if (out.size < SMALL || !f32c(gate) || !f32c(up) || !f32c(out)) return js.swigluForward(gate, up, out);
+      if (!f32c(gate) || !f32c(up) || !f32c(out)) return js.swigluForward(gate, up, out);
       n.swigluForward(f(gate), gate.offset, f(up), up.offset, f(out), out.offset, out.size);
     },
     swigluBackward(g, gate, up, dGate, dUp) {
       const ok = (t: Tensor | null) => t === null || f32c(t);
-      if (g.size < SMALL || !f32c(g) || !f32c(gate) || !f32c(up) || !ok(dGate) || !ok(dUp))
+      if (!f32c(g) || !f32c(gate) || !f32c(up) || !ok(dGate) || !ok(dUp))
         return js.swigluBackward(g, gate, up, dGate, dUp);
       n.swigluBackward(
         f(g),
@@ -416,7 +420,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     },
     geluForward(x, out, approximate) {
       // the tanh form is the core unary 'gelu' (same formula, f64); the erf form stays on the reference
-      if (approximate !== 'tanh' || x.size < SMALL || !f32c(x) || !f32c(out)) return js.geluForward(x, out, approximate);
+      if (approximate !== 'tanh' || !f32c(x) || !f32c(out)) return js.geluForward(x, out, approximate);
       n.unary(UNARY_GELU_TANH, f(x), x.offset, f(out), out.offset, out.size, 0);
     },
     softmaxForward(x, out, rows, cols) {
@@ -523,7 +527,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     },
 
     adamwStep(p, g, m, v, a) {
-      if (p.size < SMALL || !f32c(p) || !f32c(g) || !f32c(m) || !f32c(v) || g.size !== p.size) return js.adamwStep(p, g, m, v, a);
+      if (!f32c(p) || !f32c(g) || !f32c(m) || !f32c(v) || g.size !== p.size) return js.adamwStep(p, g, m, v, a);
       const bc1 = 1 - a.beta1 ** a.step;
       const bc2 = 1 - a.beta2 ** a.step;
       const desc = new Float64Array([
@@ -540,7 +544,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
       n.adamwStep(f(p), p.offset, f(g), g.offset, f(m), m.offset, f(v), v.offset, p.size, desc);
     },
     sumSquares(x) {
-      if (x.size < SMALL || !f32c(x)) return js.sumSquares(x);
+      if (!f32c(x)) return js.sumSquares(x);
       return n.sumSquares(f(x), x.offset, x.size);
     },
 
@@ -618,8 +622,22 @@ export function hasOps(addon: NativeAddon): addon is NativeWithOps {
   return typeof a.gemmRows === 'function' && typeof a.attentionForward === 'function' && typeof a.opsIsa === 'function';
 }
 
+/**
+ * OpenMP's idle threads spin for a long while after each parallel region (libgomp: 300000 spins) before
+ * they sleep. On a machine with few cores that steals the CPU from everything else in the process (V8's
+ * compiler and GC threads, a serving engine's event loop, the other OpenMP pool of a worker thread): the
+ * unit tests ran up to 20x slower. A short spin keeps back-to-back kernels cheap and then yields. Applies
+ * only when the user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT, and only before the addon (and with
+ * it libgomp, which reads them once) is loaded.
+ */
+function configureOpenMP(): void {
+  if (process.env.OMP_WAIT_POLICY === undefined && process.env.GOMP_SPINCOUNT === undefined)
+    process.env.GOMP_SPINCOUNT = '1000';
+}
+
 /** The native backend, or null when the addon is not available (loadNativeAddon says why, once). */
 export function createNativeBackend(): Backend | null {
+  configureOpenMP();
   const addon = loadNativeAddon();
   if (!addon) return null;
   if (!hasOps(addon)) {
@@ -631,6 +649,7 @@ export function createNativeBackend(): Backend | null {
 
 /** The loaded addon with its op kernels, or null (for tests and benchmarks). */
 export function nativeOps(): NativeWithOps | null {
+  configureOpenMP();
   const addon = loadNativeAddon();
   return addon && hasOps(addon) ? addon : null;
 }
