@@ -250,8 +250,15 @@ export async function runEval(
   o: EvalCliOptions,
   log: (l: string) => void,
 ): Promise<EvalRun> {
+  // a config's eval_* keys are the defaults for the flags
+  const fromCfg = configPath ? loadTrainConfig(configPath, o.set) : null;
+  if (fromCfg && o.metric === undefined) {
+    if (fromCfg.eval_metric === 'none') o.task = false;
+    else o.metric = fromCfg.eval_metric;
+  }
+  if (fromCfg && o.marker.length === 0) o.marker = [...fromCfg.eval_markers];
   const metric = parseMetric(o.metric);
-  const maxExamples = int('max-examples', o.maxExamples, 50);
+  const maxExamples = int('max-examples', o.maxExamples, fromCfg?.eval_max_examples ?? 50);
   const maxNewTokens = int('max-new-tokens', o.maxNewTokens, 256);
   const batch = int('batch-size', o.batchSize, 8);
   if (maxExamples < 1 || maxNewTokens < 1 || batch < 1)
@@ -263,7 +270,7 @@ export async function runEval(
   let cfg: TrainConfig | null = null;
   let baseSource: string;
   if (configPath) {
-    cfg = loadTrainConfig(configPath, o.set);
+    cfg = fromCfg!;
     baseSource = o.model ?? cfg.base_model;
   } else {
     if (!o.model) throw new ConfigError('give a training config, or --model M --data D');

@@ -3,7 +3,11 @@
 import { Worker } from 'node:worker_threads';
 import type { Command } from 'commander';
 import { LowrankError } from '../core/errors.ts';
+import { loadTrainConfig } from '../train/config.ts';
 import { ProgressBar } from '../train/progress.ts';
+import { runFacts, writeRunReport } from '../train/report.ts';
+import { formatComparison } from '../train/task-eval.ts';
+import { runEval } from './eval.ts';
 import { collect } from './common.ts';
 
 export function registerTrain(program: Command): void {
@@ -13,8 +17,19 @@ export function registerTrain(program: Command): void {
     .argument('<config>', 'the training config (YAML)')
     .option('--set <key=value>', 'override a config key (repeatable; dotted keys for nested values)', collect, [])
     .option('--resume [dir]', 'resume from a checkpoint dir, or the latest in output_dir')
-    .action(async (configPath: string, o: { set: string[]; resume?: string | boolean }) => {
+    .option('--no-eval', 'skip the evaluation by generation after training (base vs fine-tuned)')
+    .action(async (configPath: string, o: { set: string[]; resume?: string | boolean; eval: boolean }) => {
       await runTrainWorker(configPath, o.set, o.resume ?? false);
+      // the before/after table: eval loss and task metrics of the base model and the trained one, side by
+      // side, into eval_results.json and report.html
+      const log = (l: string) => process.stderr.write(`${l}\n`);
+      if (!o.eval) {
+        const cfg = loadTrainConfig(configPath, o.set);
+        await writeRunReport(cfg.output_dir, runFacts(cfg));
+        return;
+      }
+      const r = await runEval(configPath, { set: o.set, marker: [], loss: true, task: true }, log);
+      console.log(formatComparison(r.comparison));
     });
 }
 

@@ -182,6 +182,16 @@ export interface TrainConfig {
   early_stopping_patience: number | null;
   /** A checkpoint dir to resume from. Default null. */
   resume_from_checkpoint: string | null;
+  /**
+   * The task metric computed by generation after training, base model and fine-tuned side by side (lowrank):
+   * auto (JSON references: json_f1; short labels: accuracy; else exact_match), exact_match, accuracy, json_f1,
+   * style, or none to skip. Default auto.
+   */
+  eval_metric: 'auto' | 'exact_match' | 'accuracy' | 'json_f1' | 'style' | 'none';
+  /** Strings a styled output contains; adds the style metric (lowrank). Default []. */
+  eval_markers: string[];
+  /** Evaluation examples generated for the task metrics (lowrank). Default 50. */
+  eval_max_examples: number;
 
   // --- where it came from ---
   /** The absolute path of the YAML file ('' when parsed from an object). Not a YAML key. */
@@ -317,6 +327,9 @@ const rawSchema = z.strictObject({
   logging_steps: posInt().optional(),
   early_stopping_patience: posInt().optional(),
   resume_from_checkpoint: z.string().min(1).optional(),
+  eval_metric: z.enum(['auto', 'exact_match', 'accuracy', 'json_f1', 'style', 'none']).optional(),
+  eval_markers: z.array(z.string().min(1)).optional(),
+  eval_max_examples: posInt().optional(),
 });
 type RawConfig = z.output<typeof rawSchema>;
 
@@ -982,6 +995,9 @@ function normalise(r: RawConfig, ctx: NormaliseCtx): TrainConfig {
     early_stopping_patience: r.early_stopping_patience ?? null,
     resume_from_checkpoint:
       r.resume_from_checkpoint === undefined ? null : resolvePath(['resume_from_checkpoint'], r.resume_from_checkpoint),
+    eval_metric: r.eval_metric ?? 'auto',
+    eval_markers: r.eval_markers ?? [],
+    eval_max_examples: r.eval_max_examples ?? 50,
 
     config_path: ctx.file === '<config>' ? '' : ctx.file,
     warnings,

@@ -205,6 +205,7 @@ export async function runTraining(
   const elapsedBefore = state.elapsedSeconds;
   let tokensThisRun = 0;
   let stepsThisRun = 0;
+  let pausedMs = 0; // evaluation and saving: not training time
   let consecutiveBad = 0;
   let lastLoss = Number.NaN;
   let lastEval: number | null = null;
@@ -264,7 +265,7 @@ export async function runTraining(
     lastLoss = loss;
     windowLoss += loss;
     windowSteps++;
-    const elapsed = (performance.now() - start) / 1000;
+    const elapsed = (performance.now() - start - pausedMs) / 1000;
     const tps = tokensThisRun / Math.max(elapsed, 1e-9);
     stepsThisRun++;
     const eta = ((plan.totalSteps - state.step) * elapsed) / stepsThisRun;
@@ -294,6 +295,7 @@ export async function runTraining(
         `step ${state.step}/${plan.totalSteps} loss ${(rec.loss as number).toFixed(4)} lr ${lr.toExponential(2)} grad_norm ${norm.toFixed(3)} ${Math.round(tps)} tok/s`,
       );
     }
+    const pauseStart = performance.now();
     if (plan.evalSteps && (state.step % plan.evalSteps === 0 || state.step === plan.totalSteps)) {
       lastEval = runEval();
       if (lastEval !== null) {
@@ -311,6 +313,7 @@ export async function runTraining(
     }
     state.elapsedSeconds = elapsedBefore + (performance.now() - start) / 1000;
     if (state.step % plan.saveSteps === 0 || state.step === plan.totalSteps || stoppedEarly) await save();
+    pausedMs += performance.now() - pauseStart;
     if (stoppedEarly) break;
   }
   model.layerRunner = null;
@@ -322,7 +325,7 @@ export async function runTraining(
     finalLoss: lastLoss,
     evalLoss: lastEval,
     history: state.history,
-    tokensPerSecond: tokensThisRun / Math.max(wall, 1e-9),
+    tokensPerSecond: tokensThisRun / Math.max(wall - pausedMs / 1000, 1e-9),
     peakBytes: memoryStats().peakBytes,
     wallSeconds: state.elapsedSeconds,
     stoppedEarly,
