@@ -60,6 +60,7 @@ export {
   ModulesToSaveWrapper,
   type RowGroups,
 } from './layer.ts';
+export { adapterLayout, type BaseWeightsPolicy } from './layout.ts';
 export {
   type GgufExportOptions,
   type GgufFloatType,
@@ -69,6 +70,7 @@ export {
   saveMergedGguf,
   saveMergedHF,
 } from './merge.ts';
+export type { AdapterPlan, PlannedLayer } from './model.ts';
 export { type AdapterLayer, type AddAdapterOptions, LoraModel, type LoraModelOptions } from './model.ts';
 export {
   addRowsAt,
@@ -87,3 +89,11 @@ export {
   rankAndAlpha,
   resolveTargetModules,
 } from './target.ts';
+export {
+  type AdapterWeights,
+  adapterWeightsBytes,
+  addAdapterFromWeights,
+  checkAdapterWeights,
+  disposeAdapterWeights,
+  readAdapterWeights,
+} from './weights.ts';

@@ -28,10 +28,11 @@ export class MergeError extends LowrankError {}
 /** Adapter names of PEFT's mixed batches: one per batch row; this name (or null) means the base model. */
 export const BASE_ROW = '__base__';
 
-/** Rows of one batch grouped by adapter (built once per forward by the LoraModel). */
+/** Rows of one batch grouped by adapter and scale (built once per forward by the LoraModel). */
 export interface RowGroups {
   batch: number;
-  groups: { name: string | null; idx: Tensor }[];
+  /** `scale` multiplies the adapter's scaling for these rows (1 when absent): a request's scaled adapter. */
+  groups: { name: string | null; idx: Tensor; scale?: number }[];
 }
 
 /** State shared by every adapter layer of one LoraModel. */
@@ -193,12 +194,17 @@ abstract class LoraLayerBase extends Module {
     return this.adapters.has(name);
   }
 
-  scalingOf(name: string): number {
-    return this.adapters.get(name)!.scaling * this.rt.weight(name);
+  /** s = alpha / r (or / sqrt r) times the adapter's weight, times a per-row scale in mixed batches. */
+  scalingOf(name: string, rowScale = 1): number {
+    return this.adapters.get(name)!.scaling * (this.rt.weight(name) * rowScale);
   }
 
   /** Marks which adapters train: the listed ones (unless frozen), no others. */
-  abstract setTrainable(active: readonly string[], trainable: boolean): void;
+  setTrainable(active: readonly string[], trainable: boolean): void {
+    for (const n of this.adapters.keys()) this.setAdapterTrainable(n, trainable && active.includes(n));
+  }
+  /** Switches one adapter's parameters in this layer on or off for training (the others are left alone). */
+  abstract setAdapterTrainable(name: string, on: boolean): void;
   abstract deleteAdapter(name: string): void;
   abstract mergeAdapter(name: string, safe: boolean): void;
   abstract unmergeAdapter(name: string): void;
@@ -302,13 +308,10 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
     for (const d of [this.loraA, this.loraB, this.magnitude]) d.delete(name);
   }
 
-  setTrainable(active: readonly string[], trainable: boolean): void {
-    for (const n of this.adapters.keys()) {
-      const on = trainable && active.includes(n);
-      setTrainable(this.loraA.get(n), on);
-      setTrainable(this.loraB.get(n), on);
-      setTrainable(this.magnitude.get(n), on);
-    }
+  setAdapterTrainable(name: string, on: boolean): void {
+    setTrainable(this.loraA.get(name), on);
+    setTrainable(this.loraB.get(name), on);
+    setTrainable(this.magnitude.get(name), on);
   }
 
   /** ΔW = s B A, f32 [out, in]. */
@@ -466,7 +469,7 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
         idx: g.idx,
         a: this.loraA.get(g.name)!.weight,
         b: Bm.weight,
-        scale: this.scalingOf(g.name),
+        scale: this.scalingOf(g.name, g.scale ?? 1),
         loraBias: Bm.bias,
       });
     }
@@ -524,15 +527,12 @@ export class LoraEmbedding extends LoraLayerBase {
     this.magnitude.delete(name);
   }
 
-  setTrainable(active: readonly string[], trainable: boolean): void {
-    for (const n of this.adapters.keys()) {
-      const on = trainable && active.includes(n);
-      const a = this.embA.get(n);
-      const b = this.embB.get(n);
-      if (a) a.requiresGrad = on;
-      if (b) b.requiresGrad = on;
-      setTrainable(this.magnitude.get(n), on);
-    }
+  setAdapterTrainable(name: string, on: boolean): void {
+    const a = this.embA.get(name);
+    const b = this.embB.get(name);
+    if (a) a.requiresGrad = on;
+    if (b) b.requiresGrad = on;
+    setTrainable(this.magnitude.get(name), on);
   }
 
   /** ΔW = s (B A)^T, f32 [V, D]. */
@@ -604,12 +604,12 @@ export class LoraEmbedding extends LoraLayerBase {
     });
   }
 
-  /** s (A^T[ids]) B^T: the adapter's contribution [..., D]. */
-  private branch(ids: Tensor, name: string): Tensor {
+  /** s (A^T[ids]) B^T: the adapter's contribution [..., D] (s times a per-row scale in mixed batches). */
+  private branch(ids: Tensor, name: string, rowScale = 1): Tensor {
     const a = this.embA.get(name)!;
     const b = this.embB.get(name)!;
     const afterA = embedding(ids, transpose(a));
-    return scale(linear(afterA, b), this.scalingOf(name));
+    return scale(linear(afterA, b), this.scalingOf(name, rowScale));
   }
 
   forward(ids: Tensor): Tensor {
@@ -625,7 +625,7 @@ export class LoraEmbedding extends LoraLayerBase {
         if (g.name === null || !this.adapters.has(g.name)) continue;
         if (this.adapters.get(g.name)!.useDora)
           throw new ConfigError(`${this.path}: per-row adapters cannot use DoRA adapters ('${g.name}'), as in PEFT`);
-        result = addRowsAt(result, g.idx, this.branch(indexSelect(ids, 0, g.idx), g.name));
+        result = addRowsAt(result, g.idx, this.branch(indexSelect(ids, 0, g.idx), g.name, g.scale ?? 1));
       }
       return result;
     }
@@ -711,6 +711,9 @@ export class ModulesToSaveWrapper extends Module {
   }
   setTrainable(active: readonly string[], trainable: boolean): void {
     for (const n of this.copies.keys()) setTrainable(this.copies.get(n), trainable && active.includes(n));
+  }
+  setAdapterTrainable(name: string, on: boolean): void {
+    setTrainable(this.copies.get(name), on);
   }
   /** The module that runs now: the first active adapter's copy, or the original. */
   current(): Callable {

@@ -85,6 +85,18 @@ function fillBias(
   return true;
 }
 
+/** o2 [rows, n] += s v (v [n] broadcast over the rows). */
+function addScaledRows(o2: Tensor, v: Tensor, s: number, rows: number, n: number): void {
+  const be = getBackend();
+  const lb = empty([n]);
+  be.copy(v, lb);
+  be.unary('scale', lb, lb, s);
+  const lv = lb.view([rows, n], [0, 1], 0);
+  be.binary('add', o2, lv, o2);
+  lv.dispose();
+  lb.dispose();
+}
+
 function sumRows(g2: Tensor, s = 1): Tensor {
   const t = sum(g2, 0);
   if (s !== 1) getBackend().unary('scale', t, t, s);
@@ -132,12 +144,15 @@ export function loraLinear(
   at.dispose();
   const out = empty([...x.shape.slice(0, -1), outF]);
   const o2 = rowsView(out, rows, outF);
-  let beta = fillBias(o2, rows, outF, bias, loraBias, s) ? 1 : 0;
+  // with a base weight: (x W^T + bias) + s b_B + s u B^T, in the order a mixed batch adds them to the base
+  // layer's output (loraMixedRows), so a row computes the same bits alone and in a mixed batch
+  let beta = fillBias(o2, rows, outF, bias, w ? null : loraBias, s) ? 1 : 0;
   if (w) {
     const wt = tview(w);
     gemm(x2, wt, o2, 1, beta);
     wt.dispose();
     beta = 1;
+    if (loraBias) addScaledRows(o2, loraBias, s, rows, outF);
   }
   // expand: y += s u B^T
   const bt = tview(b32);
@@ -454,15 +469,7 @@ export function loraMixedRows(base: Tensor, x: Tensor, groups: readonly RowGroup
     be.gatherRows(xc, g.idx, xg, perRow * inF);
     const yg = empty([n * perRow, outF]);
     be.gatherRows(bc, g.idx, yg, perRow * outF);
-    if (g.loraBias) {
-      const lb = empty([outF]);
-      be.copy(g.loraBias, lb);
-      be.unary('scale', lb, lb, g.scale);
-      const lv = lb.view([n * perRow, outF], [0, 1], 0);
-      be.binary('add', yg, lv, yg);
-      lv.dispose();
-      lb.dispose();
-    }
+    if (g.loraBias) addScaledRows(yg, g.loraBias, g.scale, n * perRow, outF);
     const u = empty([n * perRow, r]);
     const a32 = f32NoGrad(g.a);
     const b32 = f32NoGrad(g.b);
