@@ -6,7 +6,7 @@
 //   npm run bench:ops [-- --rounds 2 --threads 2 --quick --wait-idle 5]
 //
 // Attention FLOPs count the visible (causal) score pairs only: forward 4 D per pair (QK^T and PV), backward
-// 8 D (S, dP, dV, dK, dQ recomputing S: 10 D, minus nothing; we count the 5 products = 10 D). Bytes for the
+// 10 D (five products: S recomputed, dP, dV, dK, dQ), so forward + backward is 14 D. Bytes for the
 // memory-bound kernels are the compulsory traffic (each input read once, each output written once).
 
 import type { Backend } from '../src/backend/backend.ts';
@@ -19,7 +19,17 @@ import { Rng } from '../src/core/rng.ts';
 import { Tensor } from '../src/core/tensor.ts';
 import { isDoubleQuant, quantize4bit } from '../src/quant/blockwise4.ts';
 import { code4bit } from '../src/quant/codebooks.ts';
-import { BestOf, fmt, type Limits, machineLine, measureLimits, printTable, ratio, timeBest, waitForIdle } from './common.ts';
+import {
+  BestOf,
+  fmt,
+  type Limits,
+  machineLine,
+  measureLimits,
+  printTable,
+  ratio,
+  timeBest,
+  waitForIdle,
+} from './common.ts';
 
 function args() {
   const a = process.argv.slice(2);
@@ -108,7 +118,11 @@ function rmsnorm(rows: number, dim: number, backward: boolean): Work {
 
 function crossEntropy(rows: number, vocab: number, backward: boolean): Work {
   const logits = t32(randn(rows * vocab, 2), [rows, vocab]);
-  const targets = Tensor.fromTyped(Int32Array.from({ length: rows }, (_, i) => (i * 7919) % vocab), [rows], 'i32');
+  const targets = Tensor.fromTyped(
+    Int32Array.from({ length: rows }, (_, i) => (i * 7919) % vocab),
+    [rows],
+    'i32',
+  );
   const lse = zeros([rows]);
   const loss = zeros([1]);
   const go = t32(Float32Array.of(1), [1]);
@@ -124,7 +138,12 @@ function crossEntropy(rows: number, vocab: number, backward: boolean): Work {
 }
 
 function weight4(rows: number, cols: number): Weight4bit {
-  const s = quantize4bit(randn(rows * cols, 0.05), { quantType: 'nf4', blocksize: 64, doubleQuant: true, shape: [rows, cols] });
+  const s = quantize4bit(randn(rows * cols, 0.05), {
+    quantType: 'nf4',
+    blocksize: 64,
+    doubleQuant: true,
+    shape: [rows, cols],
+  });
   const a = s.absmax;
   if (!isDoubleQuant(a)) throw new Error('expected double quantization');
   return {
@@ -212,8 +231,15 @@ function elementwise(kind: string, n: number): Work {
     case 'rope': {
       const T = n / (9 * 64);
       const x = a.view([1, T, 9, 64], [n, 576, 64, 1], 0);
-      const pos = Tensor.fromTyped(Int32Array.from({ length: T }, (_, i) => i), [1, T], 'i32');
-      const inv = t32(Float32Array.from({ length: 32 }, (_, j) => 10000 ** (-j / 32)), [32]);
+      const pos = Tensor.fromTyped(
+        Int32Array.from({ length: T }, (_, i) => i),
+        [1, T],
+        'i32',
+      );
+      const inv = t32(
+        Float32Array.from({ length: 32 }, (_, j) => 10000 ** (-j / 32)),
+        [32],
+      );
       const ov = o.view([1, T, 9, 64], [n, 576, 64, 1], 0);
       return { run: (be) => be.ropeForward(x, pos, inv, ov), bytes: 8 * n };
     }
@@ -221,7 +247,11 @@ function elementwise(kind: string, n: number): Work {
       // embedding gather of n / 576 rows from a 49152 x 576 table
       const rows = n / 576;
       const table = t32(randn(49152 * 576), [49152, 576]);
-      const ids = Tensor.fromTyped(Int32Array.from({ length: rows }, (_, i) => (i * 7919) % 49152), [rows], 'i32');
+      const ids = Tensor.fromTyped(
+        Int32Array.from({ length: rows }, (_, i) => (i * 7919) % 49152),
+        [rows],
+        'i32',
+      );
       return { run: (be) => be.embeddingForward(table, ids, o, 49152, 576), bytes: 8 * n };
     }
   }
@@ -240,7 +270,8 @@ const threads = addon.getThreads();
 const nb = makeNativeBackend(addon);
 console.log(`# bench:ops — ${machineLine(addon)}, op kernels ${addon.opsIsa()}`);
 
-const time = (w: Work, be: Backend, maxRuns = 20) => timeBest(() => w.run(be), { minRuns: 2, maxRuns, minTotalMs: 300 }).bestMs;
+const time = (w: Work, be: Backend, maxRuns = 20) =>
+  timeBest(() => w.run(be), { minRuns: 2, maxRuns, minTotalMs: 300 }).bestMs;
 
 const limits = new BestOf();
 function limitsRound(): Limits {
@@ -261,7 +292,11 @@ const q = opts.quick;
 const rows: Row[] = [
   { name: 'attention fwd, B4 T256 H9/3 D64 (135m)', work: attention(4, 256, 256, 9, 3, 64, false), bound: 'fma' },
   { name: 'attention fwd+bwd, B4 T256 H9/3 D64', work: attention(4, 256, 256, 9, 3, 64, true), bound: 'fma' },
-  { name: 'attention fwd, B1 T1024 H32/8 D64', work: attention(1, q ? 512 : 1024, q ? 512 : 1024, 32, 8, 64, false), bound: 'fma' },
+  {
+    name: 'attention fwd, B1 T1024 H32/8 D64',
+    work: attention(1, q ? 512 : 1024, q ? 512 : 1024, 32, 8, 64, false),
+    bound: 'fma',
+  },
   { name: 'attention decode, Tq 1 Tk 2048 H9/3 D64', work: attention(4, 1, 2048, 9, 3, 64, false), bound: 'read' },
   { name: 'rmsnorm fwd, 4096 x 576', work: rmsnorm(4096, 576, false), bound: 'copy' },
   { name: 'rmsnorm fwd+bwd, 4096 x 576', work: rmsnorm(4096, 576, true), bound: 'copy' },
@@ -297,7 +332,13 @@ printTable(
 
 // 2. 4-bit GEMV vs f32 and bf16 GEMV (decoding: the weight streams from memory once per token)
 const gemvRows: [string, Work][] = [];
-for (const [N, K] of q ? [[2048, 2048]] : [[1536, 576], [4096, 4096], [8192, 2048]])
+for (const [N, K] of q
+  ? [[2048, 2048]]
+  : [
+      [1536, 576],
+      [4096, 4096],
+      [8192, 2048],
+    ])
   for (const kind of ['f32', 'bf16', 'nf4'] as const) gemvRows.push([`${kind} ${N}x${K} m=1`, gemv(N, K, kind)]);
 gemvRows.push([`nf4 2048x2048 m=16`, gemv(2048, 2048, 'nf4', 16)]);
 gemvRows.push([`nf4 2048x2048 m=256`, gemv(2048, 2048, 'nf4', 256)]);
@@ -315,7 +356,14 @@ printTable(
     const f32Name = name.replace(/^(nf4|bf16)/, 'f32');
     const f32ms = gb.get(f32Name) ? -gb.get(f32Name)! : undefined;
     const gbs = w.bytes! / ms / 1e6;
-    return [name, fmt(ms, 3), fmt(gbs), ratio(gbs, read), fmt(w.flops! / ms / 1e6), f32ms ? `${fmt(f32ms / ms, 2)}x` : '-'];
+    return [
+      name,
+      fmt(ms, 3),
+      fmt(gbs),
+      ratio(gbs, read),
+      fmt(w.flops! / ms / 1e6),
+      f32ms ? `${fmt(f32ms / ms, 2)}x` : '-',
+    ];
   }),
 );
 

@@ -26,12 +26,6 @@ constexpr int NR = 8 * NV;
 // As for AVX-512: an A sliver in L1, a B block in L2, the A block in L3 (B packed once per K block).
 int64_t g_kc = 256, g_mb = 6 * 342, g_nb = 768;
 
-// Prefetches the line at byte offset `bytes` from p. Addresses past the end of an array are fine for the
-// instruction (it never faults); the address is formed as an integer so no out-of-bounds pointer exists.
-inline void prefetch_at(const void* p, int64_t bytes) {
-  _mm_prefetch((const char*)((uintptr_t)p + (uintptr_t)bytes), _MM_HINT_T0);
-}
-
 template <int DT>
 inline __m256 load8(const void* p, int64_t i) {
   if (DT == kF32) return _mm256_loadu_ps((const float*)p + i);
@@ -248,10 +242,8 @@ void dot_rows(const Skinny& sk, int64_t l) {
   if (s < sk.S) dot_tile<DT, 1, LW>(sk, s, l);
 }
 
-constexpr int64_t kPrefetch = 2048;
-
-// One W row against SX rows of X, 4 vectors per step, prefetching ahead: W read as one sequential stream
-// (see the AVX-512 version for why this is the decoding path).
+// One W row against SX rows of X, 4 vectors per step: W read as one sequential stream (see the AVX-512
+// version for why this is the decoding path).
 template <int DT, int SX>
 inline void dot_stream(const Skinny& sk, int64_t l) {
   __m256 acc[SX][4];
@@ -259,11 +251,8 @@ inline void dot_stream(const Skinny& sk, int64_t l) {
     for (int u = 0; u < 4; ++u) acc[i][u] = _mm256_setzero_ps();
   const int64_t K = sk.K, base = l * sk.W.rs;
   const void* W = sk.W.p;
-  constexpr int EL = DT == kF32 ? 4 : 2;
-  const int64_t pfp = base * EL + kPrefetch;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    for (int b = 0; b < 32 * EL; b += 64) prefetch_at(W, pfp + k * EL + b);
     __m256 w[4];
     for (int u = 0; u < 4; ++u) w[u] = load8<DT>(W, base + k + 8 * u);
     for (int i = 0; i < SX; ++i)

@@ -48,7 +48,12 @@ inline void s_tile(const float* Q, int64_t DP, int64_t D, const float* Kt, float
 void s_rows(const float* Q, int64_t R, int64_t DP, int64_t D, const float* Kt, float* S) {
   int64_t r = 0;
   for (; r + SR <= R; r += SR) s_tile<SR>(Q + r * DP, DP, D, Kt, S + r * BK);
-  for (; r < R; ++r) s_tile<1>(Q + r * DP, DP, D, Kt, S + r * BK);
+  switch (R - r) {
+    case 3: s_tile<3>(Q + r * DP, DP, D, Kt, S + r * BK); break;
+    case 2: s_tile<2>(Q + r * DP, DP, D, Kt, S + r * BK); break;
+    case 1: s_tile<1>(Q + r * DP, DP, D, Kt, S + r * BK); break;
+    default: break;
+  }
 }
 
 // O[r][d0 : d0 + NDV VW] = O * scale_r + sum_jj P[r][jj] X[jj][...] for NR rows (scale_r = 1 when al null).
@@ -84,7 +89,13 @@ void pv_rows_nr(const float* P, const float* X, int64_t DP, float* O, const floa
 void pv_rows(const float* P, int64_t R, const float* X, int64_t DP, float* O, const float* al) {
   int64_t r = 0;
   for (; r + SR <= R; r += SR) pv_rows_nr<SR>(P + r * BK, X, DP, O + r * DP, al ? al + r : nullptr);
-  for (; r < R; ++r) pv_rows_nr<1>(P + r * BK, X, DP, O + r * DP, al ? al + r : nullptr);
+  const float* a = al ? al + r : nullptr;
+  switch (R - r) {
+    case 3: pv_rows_nr<3>(P + r * BK, X, DP, O + r * DP, a); break;
+    case 2: pv_rows_nr<2>(P + r * BK, X, DP, O + r * DP, a); break;
+    case 1: pv_rows_nr<1>(P + r * BK, X, DP, O + r * DP, a); break;
+    default: break;
+  }
 }
 
 // Acc[jj][d0 : ...] += sum_r P[r][jj] Y[r][...] for keys jj in [j, j + NJK): the transposed products of the
@@ -124,32 +135,60 @@ inline bool key_valid(const AttnArgs& a, int64_t b, int64_t j) {
   return true;
 }
 
-// One key block [j0, j0 + BK) of kv head kvh: Kn, Vn [BK][DP] (natural, zero-padded), Kt, Vt [D][BK]
-// (transposed; Vt only when asked). Invalid slots are all zero. Returns whether any slot is valid.
+// Xt[d][jj] = X(key j0 + jj, d) for one of k / v: VW x VW in-register transposes where a group of VW keys is
+// all valid, else column by column (invalid keys are zero columns).
+void pack_t(const void* p, int dt, const int64_t* st, int64_t b, int64_t kvh, int64_t j0, int64_t D, const bool* kval,
+            float* Xt, float* tmp) {
+  for (int64_t g0 = 0; g0 < BK; g0 += VW) {
+    bool all = true;
+    for (int64_t jj = g0; jj < g0 + VW; ++jj) all = all && kval[jj];
+    if (all) {
+      const int64_t base = b * st[0] + (j0 + g0) * st[1] + kvh * st[2];
+      for (int64_t d0 = 0; d0 < D; d0 += VW)
+        load_block_t(p, dt, base + d0, st[1], VW, D - d0 < VW ? D - d0 : VW, Xt + d0 * BK + g0, BK, VW);
+      continue;
+    }
+    for (int64_t jj = g0; jj < g0 + VW; ++jj) {
+      if (kval[jj]) {
+        load_row(p, dt, b * st[0] + (j0 + jj) * st[1] + kvh * st[2], D, tmp);
+        for (int64_t d = 0; d < D; ++d) Xt[d * BK + jj] = tmp[d];
+      } else {
+        for (int64_t d = 0; d < D; ++d) Xt[d * BK + jj] = 0.0f;
+      }
+    }
+  }
+}
+
+// One key block [j0, j0 + BK) of kv head kvh: Vn (and Kn when non-null) [BK][DP] natural and zero-padded;
+// Kt (and Vt when non-null) [D][BK] transposed. Invalid slots are all zero. Returns whether any slot is valid.
 bool pack_kv(const AttnArgs& a, int64_t b, int64_t kvh, int64_t j0, int64_t DP, bool* kval, float* Kn, float* Vn,
-             float* Kt, float* Vt) {
+             float* Kt, float* Vt, float* tmp) {
   const int64_t D = a.D;
   bool any = false;
   for (int64_t jj = 0; jj < BK; ++jj) {
-    const int64_t j = j0 + jj;
-    kval[jj] = key_valid(a, b, j);
-    float* kr = Kn + jj * DP;
-    float* vr = Vn + jj * DP;
-    if (kval[jj]) {
-      any = true;
-      load_row(a.k, a.kdt, b * a.ks[0] + j * a.ks[1] + kvh * a.ks[2], D, kr);
-      load_row(a.v, a.vdt, b * a.vs[0] + j * a.vs[1] + kvh * a.vs[2], D, vr);
-      for (int64_t d = D; d < DP; ++d) kr[d] = vr[d] = 0.0f;
-    } else {
-      for (int64_t d = 0; d < DP; ++d) kr[d] = vr[d] = 0.0f;
-    }
+    kval[jj] = key_valid(a, b, j0 + jj);
+    any = any || kval[jj];
   }
   if (!any) return false;
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t jj = 0; jj < BK; ++jj) Kt[d * BK + jj] = Kn[jj * DP + d];
-  if (Vt)
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t jj = 0; jj < BK; ++jj) Vt[d * BK + jj] = Vn[jj * DP + d];
+  for (int64_t jj = 0; jj < BK; ++jj) {
+    const int64_t j = j0 + jj;
+    float* vr = Vn + jj * DP;
+    float* kr = Kn ? Kn + jj * DP : nullptr;
+    if (kval[jj]) {
+      load_row(a.v, a.vdt, b * a.vs[0] + j * a.vs[1] + kvh * a.vs[2], D, vr);
+      for (int64_t d = D; d < DP; ++d) vr[d] = 0.0f;
+      if (kr) {
+        load_row(a.k, a.kdt, b * a.ks[0] + j * a.ks[1] + kvh * a.ks[2], D, kr);
+        for (int64_t d = D; d < DP; ++d) kr[d] = 0.0f;
+      }
+    } else {
+      for (int64_t d = 0; d < DP; ++d) vr[d] = 0.0f;
+      if (kr)
+        for (int64_t d = 0; d < DP; ++d) kr[d] = 0.0f;
+    }
+  }
+  pack_t(a.k, a.kdt, a.ks, b, kvh, j0, D, kval, Kt, tmp);
+  if (Vt) pack_t(a.v, a.vdt, a.vs, b, kvh, j0, D, kval, Vt, tmp);
   return true;
 }
 
@@ -170,6 +209,22 @@ void mask_scores(const AttnArgs& a, int64_t b, int64_t j0, const bool* kval, con
     for (int64_t r = 0; full && r < R; ++r) full = srow[r] == s0;
   }
   if (full) return;
+  bool allk = true;
+  for (int64_t jj = 0; allk && jj < BK; ++jj) allk = kval[jj];
+  if (allk && !seq && a.window <= 0) {
+    // causal only: row r sees slots jj <= p_r - j0
+    vf iota;
+    for (int l = 0; l < VW; ++l) iota[l] = (float)l;
+    for (int64_t r = 0; r < R; ++r) {
+      const vf lim = vset((float)(prow[r] - j0));
+      float* s = S + r * BK;
+      for (int v = 0; v < NVK; ++v) {
+        const vf jj = iota + vset((float)(v * VW));
+        vstore(s + v * VW, jj > lim ? vset(-INFINITY) : vload(s + v * VW));
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t p = prow[r];
     float* s = S + r * BK;
@@ -186,7 +241,9 @@ thread_local Scratch tls_attn;
 
 void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, DP = rup(D, VW);
-  const int64_t Bq = G >= RT ? 1 : RT / G;
+  // positions per query tile: about RT rows, a multiple of the micro-tile rows when G allows
+  int64_t Bq = G >= RT ? 1 : RT / G;
+  while (Bq > 1 && (Bq * G) % SR) --Bq;
   const int64_t nqb = (a.Tq + Bq - 1) / Bq;
   const float qscale = a.scale * kLog2e;
   const int64_t off = a.Tk - a.Tq;
@@ -195,14 +252,15 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     const int64_t t1 = a.Tq - qb * Bq, t0 = t1 - Bq > 0 ? t1 - Bq : 0;
     const int64_t R = (t1 - t0) * G;
     // scratch: Qs, O [R][DP]; S [R][BK]; m, l, al [R]; Kn, Vn [BK][DP]; Kt [D][BK]
-    const size_t nfl = (size_t)(2 * R * DP + R * BK + 3 * R + 2 * BK * DP + D * BK + 8 * VW);
+    const size_t nfl = (size_t)(2 * R * DP + R * BK + 4 * R + 2 * BK * DP + D * BK + 9 * VW);
     float* Qs = tls_attn.get<float>(nfl + (size_t)(R * 3 + BK));
     float* O = Qs + R * DP;
     float* S = O + R * DP;
     float* m = S + R * BK;
     float* l = m + R;
     float* al = l + R;
-    float* Kn = al + R;
+    float* mnew = al + R;
+    float* Kn = mnew + R + VW;
     float* Vn = Kn + BK * DP;
     float* Kt = Vn + BK * DP;
     int64_t* prow = (int64_t*)(((uintptr_t)(Kt + D * BK + VW) + 7) & ~(uintptr_t)7);
@@ -225,21 +283,40 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     const int64_t nblk = (pmax + 1 - jlo + BK - 1) / BK;
     for (int64_t e = nblk - 1; e >= 0; --e) {
       const int64_t j0 = pmax + 1 - (e + 1) * BK;
-      if (!pack_kv(a, b, kvh, j0, DP, kval, Kn, Vn, Kt, nullptr)) continue;
+      if (!pack_kv(a, b, kvh, j0, DP, kval, nullptr, Vn, Kt, nullptr, Kn)) continue;
       s_rows(Qs, R, DP, D, Kt, S);
       mask_scores(a, b, j0, kval, prow, srow, R, S);
+      // online softmax: block row maxima, then (vectorised over rows) the new maxima and the rescale factors
+      // 2^(m_old - m_new), then P = 2^(S - m_new) and the row sums
+      for (int64_t r = 0; r < R; ++r) {
+        const float* sr = S + r * BK;
+        vf mv = vload(sr);
+        vi nan = mv != mv;
+        for (int v = 1; v < NVK; ++v) {
+          const vf x = vload(sr + v * VW);
+          mv = vmax(mv, x);
+          nan |= x != x;
+        }
+        float mb = hmax(mv);
+        for (int l2 = 0; l2 < VW; ++l2)
+          if (nan[l2]) mb = NAN;
+        mnew[r] = mb;
+      }
+      for (int64_t r = 0; r < R; r += VW) {
+        const int64_t c = R - r < VW ? R - r : VW;
+        const vf mo = vload_part(m + r, c), mb = vload_part(mnew + r, c);
+        const vf mn = (mb > mo) | (mb != mb) ? mb : mo;
+        const vf e = vexp2(mo - mn);
+        vstore_part(al + r, mn == vset(-INFINITY) ? vset(1.0f) : e, c);
+        vstore_part(mnew + r, mn, c);
+      }
       for (int64_t r = 0; r < R; ++r) {
         float* sr = S + r * BK;
-        vf mv = vset(-INFINITY);
-        for (int v = 0; v < NVK; ++v) mv = vmax(mv, vload(sr + v * VW));
-        const float mb = hmax_nan(mv);
-        const float mn = mb > m[r] || mb != mb ? mb : m[r];
+        const float mn = mnew[r];
         if (mn == -INFINITY) {
-          al[r] = 1.0f;
           for (int v = 0; v < NVK; ++v) vstore(sr + v * VW, vset(0.0f));
           continue;
         }
-        al[r] = m[r] == -INFINITY ? 0.0f : vexp2(vset(m[r] - mn))[0];
         vf sum = vset(0.0f);
         const vf mnv = vset(mn);
         for (int v = 0; v < NVK; ++v) {
@@ -279,7 +356,7 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
     const int64_t b = task / a.Hkv, kvh = task % a.Hkv;
     // scratch: Qs, dO, dQ [Rall][DP]; Dd, L2 [Rall]; S, dP [RT'][BK]; Kn, Vn, dK, dV [BK][DP]; Kt, Vt [D][BK]
     const int64_t Rt = Bq * G;
-    const size_t nfl = (size_t)(3 * Rall * DP + 2 * Rall + 2 * Rt * BK + 4 * BK * DP + 2 * D * BK + 8 * VW);
+    const size_t nfl = (size_t)(3 * Rall * DP + 2 * Rall + 2 * Rt * BK + 4 * BK * DP + 2 * D * BK + DP + 8 * VW);
     float* Qs = tls_attn.get<float>(nfl + (size_t)(3 * Rt + BK));
     float* dO = Qs + Rall * DP;
     float* dQ = dO + Rall * DP;
@@ -293,7 +370,8 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
     float* dV = dK + BK * DP;
     float* Kt = dV + BK * DP;
     float* Vt = Kt + D * BK;
-    int64_t* prow = (int64_t*)(((uintptr_t)(Vt + D * BK + VW) + 7) & ~(uintptr_t)7);
+    float* tmp = Vt + D * BK;
+    int64_t* prow = (int64_t*)(((uintptr_t)(tmp + DP + VW) + 7) & ~(uintptr_t)7);
     int32_t* srow = (int32_t*)(prow + Rt);
     bool* kval = (bool*)(srow + Rt);
     for (int64_t r = 0; r < Rall; ++r) {
@@ -325,7 +403,7 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
         if (lim < thi) thi = lim;
       }
       if (tlo >= thi) continue;
-      if (!pack_kv(a, b, kvh, j0, DP, kval, Kn, Vn, Kt, Vt)) continue;
+      if (!pack_kv(a, b, kvh, j0, DP, kval, Kn, Vn, Kt, Vt, tmp)) continue;
       for (int64_t i = 0; i < BK * DP; ++i) dK[i] = dV[i] = 0.0f;
       for (int64_t tq0 = tlo; tq0 < thi; tq0 += Bq) {
         const int64_t tq1 = tq0 + Bq < thi ? tq0 + Bq : thi;

@@ -205,17 +205,35 @@ inline float row_max(const float* x, int64_t n) {
   return r;
 }
 
+// sum(exp(x - m)) over a row: f32 partial sums over chunks of 16 vectors, added in f64 (the f32 error stays that
+// of a 256-term sum); the exp values are stored to e when non-null.
 inline double row_expsum(const float* x, int64_t n, float m, float* e) {
   vdh a0 = vdset(0.0), a1 = a0;
   const vf mv = vset(m);
-  for (int64_t j = 0; j < n; j += VW) {
-    const int64_t c = n - j < VW ? n - j : VW;
-    vf v = vexp(vload_part(x + j, c) - mv);
-    if (c < VW)
-      for (int64_t l = c; l < VW; ++l) v[l] = 0.0f;
-    if (e) vstore_part(e + j, v, c);
-    a0 += lo_d(v);
-    a1 += hi_d(v);
+  int64_t j = 0;
+  while (j < n) {
+    const int64_t end = n - j > 16 * VW ? j + 16 * VW : n;
+    vf s0 = vset(0.0f), s1 = s0;
+    for (; j + 2 * VW <= end; j += 2 * VW) {
+      const vf v0 = vexp(vload(x + j) - mv), v1 = vexp(vload(x + j + VW) - mv);
+      if (e) {
+        vstore(e + j, v0);
+        vstore(e + j + VW, v1);
+      }
+      s0 += v0;
+      s1 += v1;
+    }
+    for (; j < end; j += VW) {
+      const int64_t c = end - j < VW ? end - j : VW;
+      vf v = vexp(vload_part(x + j, c) - mv);
+      if (c < VW)
+        for (int64_t l = c; l < VW; ++l) v[l] = 0.0f;
+      if (e) vstore_part(e + j, v, c);
+      s0 += v;
+    }
+    const vf s = s0 + s1;
+    a0 += lo_d(s);
+    a1 += hi_d(s);
   }
   return hsumd(a0 + a1);
 }

@@ -86,6 +86,18 @@ inline double hsumd(vdh v) {
     for (int i = 0; i < w; ++i) s[i] += s[i + w];
   return s[0];
 }
+// Largest lane (NaN lanes are not looked for: see hmax_nan).
+inline float hmax(vf v) {
+#if defined(__AVX512F__) && LR_VW == 16
+  return _mm512_reduce_max_ps((__m512)v);
+#else
+  float s[VW];
+  memcpy(s, &v, sizeof v);
+  float m = s[0];
+  for (int i = 1; i < VW; ++i) m = s[i] > m ? s[i] : m;
+  return m;
+#endif
+}
 // Largest lane, NaN if any lane is NaN.
 inline float hmax_nan(vf v) {
   float s[VW];
@@ -145,20 +157,32 @@ inline vf scale2(vf p, vf n) {
 inline vf vexp(vf x) {
   x = x > vset(89.0f) ? vset(89.0f) : x;
   x = x < vset(-110.0f) ? vset(-110.0f) : x;
+#if defined(__AVX512F__) && LR_VW == 16
+  // round and scale in one instruction each (vscalefps handles the subnormal and overflow range exactly)
+  const vf n = (vf)_mm512_roundscale_ps((__m512)(x * vset(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  const vf r = (x - n * vset(0.693359375f)) - n * vset(-2.12194440e-4f);
+  return (vf)_mm512_scalef_ps((__m512)exp_poly(r), (__m512)n);
+#else
   const vf magic = vset(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vf n = (x * vset(1.44269504088896341f) + magic) - magic;
   // Cody-Waite: ln2 = C1 + C2 with C1 short, so n * C1 is exact
   const vf r = (x - n * vset(0.693359375f)) - n * vset(-2.12194440e-4f);
   return scale2(exp_poly(r), n);
+#endif
 }
 
 // 2^x, the same accuracy; 2^-inf = 0.
 inline vf vexp2(vf x) {
   x = x > vset(128.0f) ? vset(128.0f) : x;
   x = x < vset(-159.0f) ? vset(-159.0f) : x;
+#if defined(__AVX512F__) && LR_VW == 16
+  const vf n = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT);
+  return (vf)_mm512_scalef_ps((__m512)exp_poly((x - n) * vset(0.693147180559945309f)), (__m512)n);
+#else
   const vf magic = vset(12582912.0f);
   const vf n = (x + magic) - magic;
   return scale2(exp_poly((x - n) * vset(0.693147180559945309f)), n);
+#endif
 }
 
 inline float sexp(float x) {

@@ -135,7 +135,7 @@ export function collapseDims(
       });
     } else {
       sh.push(shape[d]!);
-      strides.forEach((s, i) => st[i]!.push(s[d]!));
+      for (let i = 0; i < strides.length; i++) st[i]!.push(strides[i]![d]!);
     }
   }
   if (sh.length === 0) {
@@ -251,7 +251,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
   const f = (t: Tensor) => t.data as F32;
 
   const core: Partial<CoreKernels> = {
-    gemm(p: GemmArgs): void {
+    gemm(p: GemmArgs) {
       if (!isFloatDt(p.a) || !isFloatDt(p.b) || !isF32(p.c)) return js.gemm(p);
       n.gemmRows(
         p.batch ?? 1,
@@ -278,34 +278,35 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
         p.strideC ?? 0,
       );
     },
-    copy(src: Tensor, dst: Tensor): void {
+    copy(src: Tensor, dst: Tensor) {
       const sameDt = src.dtype === dst.dtype;
       if (src.size < SMALL || (!sameDt && !(isFloatDt(src) && isFloatDt(dst))) || src.size !== dst.size)
         return js.copy(src, dst);
-      if (src.shape.length !== dst.shape.length || src.shape.some((d, i) => d !== dst.shape[i])) return js.copy(src, dst);
+      if (src.shape.length !== dst.shape.length || src.shape.some((d, i) => d !== dst.shape[i]))
+        return js.copy(src, dst);
       const c = collapseDims(src.shape, [src.strides, dst.strides]);
       if (!c) return js.copy(src, dst);
       n.copy(src.data, src.offset, DT[src.dtype]!, dst.data, dst.offset, DT[dst.dtype]!, stridedDesc(c));
     },
-    fill(dst: Tensor, value: number): void {
+    fill(dst: Tensor, value: number) {
       if (dst.size < 65536 || !isFloatDt(dst) || !dst.isContiguous()) return js.fill(dst, value);
       n.fill(dst.data, dst.offset, dst.size, DT[dst.dtype]!, encodeScalar(dst.dtype, value));
     },
-    binary(op: BinaryOp, a: Tensor, b: Tensor, out: Tensor): void {
+    binary(op: BinaryOp, a: Tensor, b: Tensor, out: Tensor) {
       if (out.size < SMALL || !isF32(a) || !isF32(b) || !f32c(out)) return js.binary(op, a, b, out);
       const c = collapseDims(a.shape, [a.strides, b.strides]);
       if (!c) return js.binary(op, a, b, out);
       n.binary(BINARY[op], f(a), a.offset, f(b), b.offset, f(out), out.offset, stridedDesc(c));
     },
-    unary(op: UnaryOp, x: Tensor, out: Tensor, scalar = 0): void {
+    unary(op: UnaryOp, x: Tensor, out: Tensor, scalar = 0) {
       if (!f32c(x) || !f32c(out)) return js.unary(op, x, out, scalar);
       n.unary(UNARY[op], f(x), x.offset, f(out), out.offset, x.size, scalar);
     },
-    reduce(op: ReduceOp, x: Tensor, out: Tensor, outer: number, len: number, inner: number): void {
+    reduce(op: ReduceOp, x: Tensor, out: Tensor, outer: number, len: number, inner: number) {
       if (!f32c(x) || !f32c(out)) return js.reduce(op, x, out, outer, len, inner);
       n.reduce(REDUCE[op], f(x), x.offset, f(out), out.offset, outer, len, inner);
     },
-    gatherRows(x: Tensor, idx: Tensor, out: Tensor, cols: number): void {
+    gatherRows(x: Tensor, idx: Tensor, out: Tensor, cols: number) {
       const ok =
         (x.dtype === out.dtype || (isFloatDt(x) && isFloatDt(out))) &&
         idx.dtype === 'i32' &&
@@ -317,11 +318,22 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
       const rows = x.size / cols;
       const id = idx.data as Int32Array;
       checkRowIndex('gatherRows', id, idx.offset, idx.size, rows);
-      n.gatherRows(x.data, x.offset, DT[x.dtype]!, rows, id, idx.offset, idx.size, cols, out.data, out.offset, DT[out.dtype]!);
+      n.gatherRows(
+        x.data,
+        x.offset,
+        DT[x.dtype]!,
+        rows,
+        id,
+        idx.offset,
+        idx.size,
+        cols,
+        out.data,
+        out.offset,
+        DT[out.dtype]!,
+      );
     },
-    scatterAddRows(g: Tensor, idx: Tensor, out: Tensor, cols: number): void {
-      const ok =
-        f32c(g) && f32c(out) && idx.dtype === 'i32' && cols > 0 && Number.isInteger(out.size / cols);
+    scatterAddRows(g: Tensor, idx: Tensor, out: Tensor, cols: number) {
+      const ok = f32c(g) && f32c(out) && idx.dtype === 'i32' && cols > 0 && Number.isInteger(out.size / cols);
       if (!ok || idx.size * cols < SMALL) return js.scatterAddRows(g, idx, out, cols);
       const rows = out.size / cols;
       const id = idx.data as Int32Array;
@@ -371,7 +383,20 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     rmsNormForward(x, w, y, rstd, rows, dim, eps) {
       if (!f32c(x) || !isFloatDt(w) || !w.isContiguous() || !f32c(y) || !f32c(rstd))
         return js.rmsNormForward(x, w, y, rstd, rows, dim, eps);
-      n.rmsNormForward(f(x), x.offset, w.data, w.offset, DT[w.dtype]!, f(y), y.offset, f(rstd), rstd.offset, rows, dim, eps);
+      n.rmsNormForward(
+        f(x),
+        x.offset,
+        w.data,
+        w.offset,
+        DT[w.dtype]!,
+        f(y),
+        y.offset,
+        f(rstd),
+        rstd.offset,
+        rows,
+        dim,
+        eps,
+      );
     },
     rmsNormBackward(g, x, w, rstd, dx, dw, rows, dim) {
       const ok = (t: Tensor | null) => t === null || f32c(t);
@@ -472,7 +497,14 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
       else if (reduction === 'mean') f(loss)[loss.offset] = count > 0 ? total / count : 0;
     },
     crossEntropyBackward(gradOut, logits, targets, lse, dlogits, rows, vocab, ignoreIndex, reduction) {
-      if (!f32c(gradOut) || !f32c(logits) || targets.dtype !== 'i32' || !targets.isContiguous() || !f32c(lse) || !f32c(dlogits))
+      if (
+        !f32c(gradOut) ||
+        !f32c(logits) ||
+        targets.dtype !== 'i32' ||
+        !targets.isContiguous() ||
+        !f32c(lse) ||
+        !f32c(dlogits)
+      )
         return js.crossEntropyBackward(gradOut, logits, targets, lse, dlogits, rows, vocab, ignoreIndex, reduction);
       const t = targets.data as Int32Array;
       const g = f(gradOut);
@@ -513,17 +545,50 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
             `embedding: id ${v} at position ${fmtPosition(ids.shape, i)} of ids ${JSON.stringify(ids.shape)} is out of range [0, ${vocab})`,
           );
       }
-      n.gatherRows(weight.data, weight.offset, DT[weight.dtype]!, vocab, id, ids.offset, cnt, dim, f(out), out.offset, 0);
+      n.gatherRows(
+        weight.data,
+        weight.offset,
+        DT[weight.dtype]!,
+        vocab,
+        id,
+        ids.offset,
+        cnt,
+        dim,
+        f(out),
+        out.offset,
+        0,
+      );
     },
     embeddingBackward(g, ids, dWeight, vocab, dim, paddingIdx) {
       if (!f32c(g) || ids.dtype !== 'i32' || !ids.isContiguous() || !f32c(dWeight))
         return js.embeddingBackward(g, ids, dWeight, vocab, dim, paddingIdx);
-      n.scatterAddRows(f(g), g.offset, ids.data as Int32Array, ids.offset, ids.size, dim, f(dWeight), dWeight.offset, vocab, paddingIdx < 0 ? -1 : paddingIdx);
+      n.scatterAddRows(
+        f(g),
+        g.offset,
+        ids.data as Int32Array,
+        ids.offset,
+        ids.size,
+        dim,
+        f(dWeight),
+        dWeight.offset,
+        vocab,
+        paddingIdx < 0 ? -1 : paddingIdx,
+      );
     },
 
     dropout(x, out, p, key0, key1) {
       if (out.size < SMALL || !f32c(x) || !f32c(out)) return js.dropout(x, out, p, key0, key1);
-      n.dropout(f(x), x.offset, f(out), out.offset, out.size, dropoutThreshold(p), p < 1 ? 1 / (1 - p) : 0, key0 >>> 0, key1 >>> 0);
+      n.dropout(
+        f(x),
+        x.offset,
+        f(out),
+        out.offset,
+        out.size,
+        dropoutThreshold(p),
+        p < 1 ? 1 / (1 - p) : 0,
+        key0 >>> 0,
+        key1 >>> 0,
+      );
     },
 
     adamwStep(p, g, m, v, a) {
@@ -551,7 +616,22 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     loraWeightNorm(w, a, b, scale, out, outF, inF, r, wTransposed) {
       if (!isFloatDt(w) || !w.isContiguous() || !f32c(a) || !f32c(b) || !f32c(out))
         return js.loraWeightNorm(w, a, b, scale, out, outF, inF, r, wTransposed);
-      n.loraWeightNorm(w.data, w.offset, DT[w.dtype]!, f(a), a.offset, f(b), b.offset, scale, f(out), out.offset, outF, inF, r, wTransposed);
+      n.loraWeightNorm(
+        w.data,
+        w.offset,
+        DT[w.dtype]!,
+        f(a),
+        a.offset,
+        f(b),
+        b.offset,
+        scale,
+        f(out),
+        out.offset,
+        outF,
+        inF,
+        r,
+        wTransposed,
+      );
     },
 
     gemm4bit(x, w, bias, y, m) {
@@ -610,7 +690,21 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
   }
   function rope(x: Tensor, positions: Tensor, invFreq: Tensor, out: Tensor, sign: number): void {
     const [B, T, H, D] = x.shape as [number, number, number, number];
-    n.rope(f(x), x.offset, positions.data, positions.offset, f(invFreq), invFreq.offset, invFreq.size, f(out), out.offset, B * T, H, D, sign);
+    n.rope(
+      f(x),
+      x.offset,
+      positions.data,
+      positions.offset,
+      f(invFreq),
+      invFreq.offset,
+      invFreq.size,
+      f(out),
+      out.offset,
+      B * T,
+      H,
+      D,
+      sign,
+    );
   }
 
   return { ...jsBackend, ...core, ...kernels, name: 'native' } as Backend;
@@ -641,7 +735,9 @@ export function createNativeBackend(): Backend | null {
   const addon = loadNativeAddon();
   if (!addon) return null;
   if (!hasOps(addon)) {
-    console.warn('lowrank: the native addon is out of date (no op kernels); run `npm run build:native`. Using the TypeScript kernels.');
+    console.warn(
+      'lowrank: the native addon is out of date (no op kernels); run `npm run build:native`. Using the TypeScript kernels.',
+    );
     return null;
   }
   return makeNativeBackend(addon);
