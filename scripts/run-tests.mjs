@@ -15,5 +15,7 @@ const filters = process.argv.slice(2);
 const files = walk('test')
   .sort()
   .filter((f) => filters.length === 0 || filters.some((s) => f.includes(s)));
-const r = spawnSync(process.execPath, ['--import', 'tsx', '--test', '--test-concurrency=2', ...files], { stdio: 'inherit' });
+const r = spawnSync(process.execPath, ['--import', 'tsx', '--test', '--test-concurrency=2', ...files], {
+  stdio: 'inherit',
+});
 process.exit(r.status ?? 1);

@@ -7,8 +7,8 @@ import { loadTrainConfig } from '../train/config.ts';
 import { ProgressBar } from '../train/progress.ts';
 import { runFacts, writeRunReport } from '../train/report.ts';
 import { formatComparison } from '../train/task-eval.ts';
-import { runEval } from './eval.ts';
 import { collect } from './common.ts';
+import { runEval } from './eval.ts';
 
 export function registerTrain(program: Command): void {
   program

@@ -1,10 +1,10 @@
 // Gradient checkpointing: run a segment (a decoder layer) without recording, keep only its input, and
 // recompute it with recording on during backward. Trades one extra forward for the segment's activations.
 
+import { getBackend } from '../backend/index.ts';
 import type { Rng } from '../core/rng.ts';
 import { keep } from '../core/scope.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { getBackend } from '../backend/index.ts';
 import { empty } from './create.ts';
 import { backward, enableGrad, isGradEnabled, noGrad, record } from './tape.ts';
 

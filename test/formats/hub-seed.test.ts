@@ -8,7 +8,9 @@ import { seedHubCache } from '../../src/formats/hub-seed.ts';
 
 const STORIES = '../shared/models/stories260K/stories260K.gguf';
 
-test('a seeded cache resolves hf:// offline to the same bytes', { skip: !existsSync(STORIES) && 'needs ../shared' }, async () => {
+test('a seeded cache resolves hf:// offline to the same bytes', {
+  skip: !existsSync(STORIES) && 'needs ../shared',
+}, async () => {
   const cache = mkdtempSync(join(tmpdir(), 'lowrank-hub-'));
   try {
     const uri = 'hf://ggml-org/models/tinyllamas/stories260K.gguf';

@@ -26,7 +26,10 @@ function maxAbsDiff(a: Float32Array, b: Float32Array): number {
 test('stories260K (GGUF) writes coherent TinyStories text with greedy decoding', { skip: !haveStories }, async () => {
   const { model } = await loadModel(STORIES);
   const tok = loadTokenizer(STORIES);
-  const r = generate(model, tok, tok.encode('Once upon a time', { addSpecialTokens: true }), { maxTokens: 40, temperature: 0 });
+  const r = generate(model, tok, tok.encode('Once upon a time', { addSpecialTokens: true }), {
+    maxTokens: 40,
+    temperature: 0,
+  });
   assert.match(r.text, /^, there was a little girl named Lily\. She loved to play/);
   assert.equal(r.completionTokens, 40);
   model.dispose();
@@ -62,7 +65,9 @@ test('KV-cache decoding gives the same logits and tokens as full forwards', { sk
 test('batched (left-padded) and unbatched generation agree', { skip: !haveStories }, async () => {
   const { model } = await loadModel(STORIES);
   const tok = loadTokenizer(STORIES);
-  const prompts = ['Once upon a time', 'Tom had a red ball and', 'Lily'].map((p) => tok.encode(p, { addSpecialTokens: true }));
+  const prompts = ['Once upon a time', 'Tom had a red ball and', 'Lily'].map((p) =>
+    tok.encode(p, { addSpecialTokens: true }),
+  );
   const batched = generateBatch(model, prompts, { maxTokens: 10, temperature: 0 });
   for (let b = 0; b < prompts.length; b++) {
     const single = generateBatch(model, [prompts[b]!], { maxTokens: 10, temperature: 0 });
@@ -83,7 +88,9 @@ test('batched (left-padded) and unbatched generation agree', { skip: !haveStorie
   model.dispose();
 });
 
-test('sampling is reproducible with a seed and honours stop strings and max tokens', { skip: !haveStories }, async () => {
+test('sampling is reproducible with a seed and honours stop strings and max tokens', {
+  skip: !haveStories,
+}, async () => {
   const { model } = await loadModel(STORIES);
   const tok = loadTokenizer(STORIES);
   const ids = tok.encode('Once upon a time', { addSpecialTokens: true });
@@ -116,7 +123,10 @@ test('an HF dir written from a model loads back bit-exactly (f32 and bf16)', asy
     for (const dtype of ['f32', 'bf16'] as const) {
       await saveModelHF(model.namedParameters(), cfg, dir, { dtype });
       const { model: back, config } = await loadModel(dir);
-      assert.deepEqual(configToHF(config), configToHF({ ...cfg, torch_dtype: dtype === 'f32' ? 'float32' : 'bfloat16' }));
+      assert.deepEqual(
+        configToHF(config),
+        configToHF({ ...cfg, torch_dtype: dtype === 'f32' ? 'float32' : 'bfloat16' }),
+      );
       for (const [name, p] of back.namedParameters()) {
         const orig = model.getModule(name.split('.').slice(0, -1).join('.'))!.getParam(name.split('.').pop()!)!;
         if (name.endsWith('.weight')) assert.equal(p.dtype, dtype, name);
@@ -138,14 +148,33 @@ test('GGUF rope permutation round-trips; bad configs and inputs give typed error
   assert.deepEqual(unpermuteRope(permuteRope(w, 8, 3, 2), 8, 3, 2), w);
   assert.throws(() => configFromHF({ model_type: 'gpt2' }), ConfigError);
   assert.throws(
-    () => configFromHF({ model_type: 'llama', vocab_size: 10, hidden_size: 8, intermediate_size: 8, num_hidden_layers: 1, num_attention_heads: 3, num_key_value_heads: 2 }),
+    () =>
+      configFromHF({
+        model_type: 'llama',
+        vocab_size: 10,
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_hidden_layers: 1,
+        num_attention_heads: 3,
+        num_key_value_heads: 2,
+      }),
     /multiple of num_key_value_heads/,
   );
   const model = new LlamaForCausalLM(
-    configFromHF({ model_type: 'llama', vocab_size: 10, hidden_size: 8, intermediate_size: 8, num_hidden_layers: 1, num_attention_heads: 2 }),
+    configFromHF({
+      model_type: 'llama',
+      vocab_size: 10,
+      hidden_size: 8,
+      intermediate_size: 8,
+      num_hidden_layers: 1,
+      num_attention_heads: 2,
+    }),
   );
   assert.throws(() => model.forward(intTensor([1, 2]), { positions: intTensor([0, 1]) }), ShapeError);
-  assert.throws(() => model.forward(intTensor([1, 12], [1, 2]), { positions: intTensor([0, 1], [1, 2]) }), /out of range|12/);
+  assert.throws(
+    () => model.forward(intTensor([1, 12], [1, 2]), { positions: intTensor([0, 1], [1, 2]) }),
+    /out of range|12/,
+  );
   model.dispose();
   assert.rejects(loadModel('/nonexistent/model'), ConfigError);
   void FormatError;
@@ -185,7 +214,9 @@ test('lowrank init-model writes an HF dir that loads and tokenizes', async () =>
   const { spawnSync } = await import('node:child_process');
   const dir = mkdtempSync(join(tmpdir(), 'lowrank-init-'));
   try {
-    const r = spawnSync(process.execPath, ['bin/lowrank.js', 'init-model', '--preset', 'tiny', '--out', dir], { encoding: 'utf8' });
+    const r = spawnSync(process.execPath, ['bin/lowrank.js', 'init-model', '--preset', 'tiny', '--out', dir], {
+      encoding: 'utf8',
+    });
     assert.equal(r.status, 0, r.stderr);
     const { model, config } = await loadModel(dir);
     assert.equal(config.hidden_size, 256);

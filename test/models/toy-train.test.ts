@@ -90,7 +90,11 @@ test('100 forward+backward+update steps do not grow memory', () => {
   for (let i = 0; i < 100; i++) {
     step();
     const now = memoryStats();
-    assert.equal(now.liveBytes, base.liveBytes, `step ${i}: live tensor bytes grew from ${base.liveBytes} to ${now.liveBytes}`);
+    assert.equal(
+      now.liveBytes,
+      base.liveBytes,
+      `step ${i}: live tensor bytes grew from ${base.liveBytes} to ${now.liveBytes}`,
+    );
     assert.equal(now.liveStorages, base.liveStorages, `step ${i}: live storages grew`);
   }
   // the process itself: allow GC slack, but no per-step leak of tensor data (about 70 KB of grads per step)

@@ -30,7 +30,12 @@ test('gradient checkpointing gives the same gradients as storing activations', (
   const grads = (useCheckpoint: boolean) => {
     model.zeroGrad();
     model.layerRunner = useCheckpoint
-      ? (layer, x, ctx, inv) => checkpoint((h) => layer.forward(h, ctx, inv), x, layer.trainableParameters().map(([, p]) => p))
+      ? (layer, x, ctx, inv) =>
+          checkpoint(
+            (h) => layer.forward(h, ctx, inv),
+            x,
+            layer.trainableParameters().map(([, p]) => p),
+          )
       : null;
     tidy(() => backward(model.loss(ids, labels, { positions })));
     return model.parameters().map((p) => p.grad!.toF32());
@@ -38,7 +43,7 @@ test('gradient checkpointing gives the same gradients as storing activations', (
   const plain = grads(false);
   const ck = grads(true);
   assert.equal(plain.length, ck.length);
-  plain.forEach((g, i) => assert.deepEqual(ck[i], g, `parameter ${i}`));
+  for (const [i, g] of plain.entries()) assert.deepEqual(ck[i], g, `parameter ${i}`);
   model.dispose();
 });
 

@@ -13,10 +13,15 @@ import { runTraining } from '../../src/train/trainer.ts';
 
 const STORIES = resolve('../shared/models/stories260K/stories260K.gguf');
 
-test('a NaN in the weights makes every step non-finite: skipped, then a clear stop', { skip: !existsSync(STORIES) && 'needs ../shared' }, async () => {
+test('a NaN in the weights makes every step non-finite: skipped, then a clear stop', {
+  skip: !existsSync(STORIES) && 'needs ../shared',
+}, async () => {
   const dir = mkdtempSync(join(tmpdir(), 'lowrank-nan-'));
   try {
-    writeFileSync(join(dir, 'd.jsonl'), Array.from({ length: 16 }, (_, i) => JSON.stringify({ text: `Tom saw ${i} cats.` })).join('\n'));
+    writeFileSync(
+      join(dir, 'd.jsonl'),
+      Array.from({ length: 16 }, (_, i) => JSON.stringify({ text: `Tom saw ${i} cats.` })).join('\n'),
+    );
     writeFileSync(
       join(dir, 'c.yaml'),
       `base_model: ${STORIES}\nadapter: lora\ndatasets:\n  - path: d.jsonl\n    type: completion\nsequence_len: 32\nmicro_batch_size: 4\nmax_steps: 20\nlearning_rate: 0.001\nsave_steps: 100\noutput_dir: out\n`,
@@ -31,7 +36,10 @@ test('a NaN in the weights makes every step non-finite: skipped, then a clear st
       (e: Error) => e instanceof DataError && /3 steps in a row had a non-finite loss or gradient/.test(e.message),
     );
     assert.equal(lines.filter((l) => /non-finite .*skipped/.test(l)).length, 3);
-    assert.deepEqual(readdirSync(join(dir, 'out')).filter((n) => n.startsWith('checkpoint-')), []);
+    assert.deepEqual(
+      readdirSync(join(dir, 'out')).filter((n) => n.startsWith('checkpoint-')),
+      [],
+    );
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -16,7 +16,8 @@ function setup(): string {
   const dir = mkdtempSync(join(tmpdir(), 'lowrank-resume-'));
   const lines: string[] = [];
   const names = ['Tom', 'Lily', 'Sam', 'Mia'];
-  for (let i = 0; i < 48; i++) lines.push(JSON.stringify({ text: `${names[i % 4]} saw ${i % 7} birds in the park. The end.` }));
+  for (let i = 0; i < 48; i++)
+    lines.push(JSON.stringify({ text: `${names[i % 4]} saw ${i % 7} birds in the park. The end.` }));
   writeFileSync(join(dir, 'data.jsonl'), `${lines.join('\n')}\n`);
   writeFileSync(
     join(dir, 'cfg.yaml'),
@@ -55,18 +56,27 @@ function losses(outDir: string): number[] {
     .map((r) => r.loss);
 }
 
-test('LoRA with dropout and gradient checkpointing: SIGKILL mid-run, then --resume, gives the same losses as an uninterrupted run', { skip: !have, timeout: 120_000 }, async () => {
+test('LoRA with dropout and gradient checkpointing: SIGKILL mid-run, then --resume, gives the same losses as an uninterrupted run', {
+  skip: !have,
+  timeout: 120_000,
+}, async () => {
   const dir = setup();
   try {
     const run = (out: string, extra: string[] = []) =>
-      spawnSync(process.execPath, [BIN, 'train', 'cfg.yaml', '--set', `output_dir=${out}`, ...extra], { cwd: dir, encoding: 'utf8' });
+      spawnSync(process.execPath, [BIN, 'train', 'cfg.yaml', '--set', `output_dir=${out}`, ...extra], {
+        cwd: dir,
+        encoding: 'utf8',
+      });
     const a = run('a');
     assert.equal(a.status, 0, a.stderr);
     const ref = losses(join(dir, 'a'));
     assert.equal(ref.length, 12);
 
     // start run b and kill it once a checkpoint exists (mid-run, possibly mid-save)
-    const child = spawn(process.execPath, [BIN, 'train', 'cfg.yaml', '--set', 'output_dir=b'], { cwd: dir, stdio: 'ignore' });
+    const child = spawn(process.execPath, [BIN, 'train', 'cfg.yaml', '--set', 'output_dir=b'], {
+      cwd: dir,
+      stdio: 'ignore',
+    });
     const outB = join(dir, 'b');
     await new Promise<void>((res, rej) => {
       const t0 = Date.now();
@@ -84,7 +94,9 @@ test('LoRA with dropout and gradient checkpointing: SIGKILL mid-run, then --resu
       }, 20);
     });
     await new Promise((r) => child.on('exit', r));
-    const done = readdirSync(outB).filter((n) => /^checkpoint-\d+$/.test(n)).map((n) => Number(n.split('-')[1]));
+    const done = readdirSync(outB)
+      .filter((n) => /^checkpoint-\d+$/.test(n))
+      .map((n) => Number(n.split('-')[1]));
     assert.ok(Math.max(...done) < 12, 'the run was killed before the end');
     const b = run('b', ['--resume']);
     assert.equal(b.status, 0, b.stderr);
