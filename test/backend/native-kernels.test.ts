@@ -169,6 +169,9 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
           const label = `${isa} ${transA ? 'T' : 'N'}${transB ? 'T' : 'N'} n=${n} k=${k} alpha=${alpha} beta=${beta} B=${bdt}`;
           const all = run(nb, M, 0);
           closeScaled(all, run(js, M, 0), (k + 8) * 2 ** -24 * 4, label);
+          // Row invariance is promised for a plain A (activations: a row of C is a batch row). With A
+          // transposed, K runs over the batch (weight gradients) and the fastest paths are taken instead.
+          if (transA) continue;
           for (const [m, i0] of [
             [1, 0],
             [1, 20],

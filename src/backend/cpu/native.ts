@@ -253,7 +253,10 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
   const core: Partial<CoreKernels> = {
     gemm(p: GemmArgs) {
       if (!isFloatDt(p.a) || !isFloatDt(p.b) || !isF32(p.c)) return js.gemm(p);
-      n.gemmRows(
+      // With A transposed the rows of C are not batch rows (weight gradients: K runs over the tokens), so no
+      // row-invariance is owed: take the addon's fastest paths (its skinny kernels for LoRA's rank-r sides).
+      const run = p.transA ? n.gemmBatched.bind(n) : n.gemmRows.bind(n);
+      run(
         p.batch ?? 1,
         p.transA,
         p.transB,
