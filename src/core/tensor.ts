@@ -142,6 +142,17 @@ export class Tensor implements Disposable {
     }
   }
 
+  /**
+   * Releases this handle's storage now but keeps its place on the autograd tape (the node that made it still
+   * runs in backward, from what it saved). For intermediates that nothing reads again: forward passes free
+   * them as they go, so a step's peak holds only what backward needs.
+   */
+  free(): void {
+    if (!this._storage) return;
+    this._storage.release();
+    this._storage = null;
+  }
+
   describe(): string {
     return `${this.name ? `${this.name} ` : ''}${fmtShape(this.shape)} ${this.dtype}`;
   }

@@ -68,18 +68,33 @@ export class LlamaAttention extends Module {
   forward(x: Tensor, ctx: ForwardContext, invFreq: Tensor): Tensor {
     const [B, T] = x.shape as [number, number, number];
     const { num_attention_heads: nh, num_key_value_heads: nkv, head_dim: hd } = this.cfg;
-    let q = reshape(this.proj('q_proj').forward(x), [B, T, nh, hd]);
-    let k = reshape(this.proj('k_proj').forward(x), [B, T, nkv, hd]);
-    let v = reshape(this.proj('v_proj').forward(x), [B, T, nkv, hd]);
+    // each intermediate is freed once used (what backward needs, the ops saved)
+    const then = (t: Tensor, f: (t: Tensor) => Tensor): Tensor => {
+      const r = f(t);
+      if (r !== t) t.free();
+      return r;
+    };
+    let q = then(this.proj('q_proj').forward(x), (t) => reshape(t, [B, T, nh, hd]));
+    let k = then(this.proj('k_proj').forward(x), (t) => reshape(t, [B, T, nkv, hd]));
+    let v = then(this.proj('v_proj').forward(x), (t) => reshape(t, [B, T, nkv, hd]));
     if (this.cfg.qk_norm) {
-      q = (this.getChild('q_norm') as RMSNorm).forward(q);
-      k = (this.getChild('k_norm') as RMSNorm).forward(k);
+      q = then(q, (t) => (this.getChild('q_norm') as RMSNorm).forward(t));
+      k = then(k, (t) => (this.getChild('k_norm') as RMSNorm).forward(t));
     }
-    q = rope(q, ctx.positions, invFreq);
-    k = rope(k, ctx.positions, invFreq);
-    if (ctx.cache) ({ k, v } = ctx.cache.append(this.layerIdx, k, v));
+    q = then(q, (t) => rope(t, ctx.positions, invFreq));
+    k = then(k, (t) => rope(t, ctx.positions, invFreq));
+    if (ctx.cache) {
+      const kv = ctx.cache.append(this.layerIdx, k, v);
+      k.free();
+      v.free();
+      ({ k, v } = kv);
+    }
     const a = attention(q, k, v, { keyMask: ctx.keyMask ?? null, seqIds: ctx.seqIds ?? null });
-    return this.proj('o_proj').forward(reshape(a, [B, T, nh * hd]));
+    for (const t of [q, k, v]) t.free();
+    return then(
+      then(a, (t) => reshape(t, [B, T, nh * hd])),
+      (t) => this.proj('o_proj').forward(t),
+    );
   }
 }
 
@@ -102,7 +117,11 @@ export class LlamaMLP extends Module {
     const u = this.proj('up_proj').forward(x);
     const h =
       this.cfg.hidden_act === 'silu' ? swiglu(g, u) : mul(gelu(g, this.cfg.hidden_act === 'gelu_pytorch_tanh'), u);
-    return this.proj('down_proj').forward(h);
+    g.free();
+    u.free();
+    const y = this.proj('down_proj').forward(h);
+    h.free();
+    return y;
   }
 }
 
@@ -119,8 +138,18 @@ export class LlamaDecoderLayer extends Module {
     const mlp = this.getChild('mlp') as LlamaMLP;
     const n1 = this.getChild('input_layernorm') as RMSNorm;
     const n2 = this.getChild('post_attention_layernorm') as RMSNorm;
-    const h = add(x, attn.forward(n1.forward(x), ctx, invFreq));
-    return add(h, mlp.forward(n2.forward(h)));
+    const a1 = n1.forward(x);
+    const a2 = attn.forward(a1, ctx, invFreq);
+    a1.free();
+    const h = add(x, a2);
+    a2.free();
+    const m1 = n2.forward(h);
+    const m2 = mlp.forward(m1);
+    m1.free();
+    const out = add(h, m2);
+    m2.free();
+    h.free();
+    return out;
   }
 }
 

@@ -436,7 +436,11 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
           result = loraLinear(x, plain.weight, plain.bias, A, Bm.weight, s, { xl, loraBias: Bm.bias });
         else {
           result ??= base.forward(x);
-          result = add(result, loraLinear(xl, null, null, A, Bm.weight, s, { loraBias: Bm.bias }));
+          const lora = loraLinear(xl, null, null, A, Bm.weight, s, { loraBias: Bm.bias });
+          const sum = add(result, lora);
+          result.free();
+          lora.free();
+          result = sum;
         }
         continue;
       }
