@@ -421,10 +421,10 @@ const OPTIMIZER_ALIASES: Record<string, { to: 'adamw' | 'sgd'; warn?: string }> 
   adamw_hf: { to: 'adamw' },
   adam: { to: 'adamw' },
   sgd: { to: 'sgd' },
-  adamw_bnb_8bit: { to: 'adamw', warn: '8-bit optimizer states are not implemented' },
-  adamw_8bit: { to: 'adamw', warn: '8-bit optimizer states are not implemented' },
-  paged_adamw_8bit: { to: 'adamw', warn: 'paged and 8-bit optimizer states are not implemented' },
-  paged_adamw_32bit: { to: 'adamw', warn: 'paged optimizer states are not implemented' },
+  adamw_bnb_8bit: { to: 'adamw', warn: '8-bit optimizer states are not available in lowrank' },
+  adamw_8bit: { to: 'adamw', warn: '8-bit optimizer states are not available in lowrank' },
+  paged_adamw_8bit: { to: 'adamw', warn: 'paged and 8-bit optimizer states are not available in lowrank' },
+  paged_adamw_32bit: { to: 'adamw', warn: 'paged optimizer states are not available in lowrank' },
 };
 
 const DEFAULT_ROLES: Record<string, string[]> = {

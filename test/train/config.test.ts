@@ -142,7 +142,7 @@ special_tokens:
     const w = c.warnings.join('\n');
     assert.match(w, /train\.yaml:22:1: 'bf16' has no effect/);
     assert.match(w, /'attn_implementation' has no effect/);
-    assert.match(w, /adamw_bnb_8bit: 8-bit optimizer states are not implemented; using 32-bit AdamW/);
+    assert.match(w, /adamw_bnb_8bit: 8-bit optimizer states are not available in lowrank; using 32-bit AdamW/);
   });
 
   test('a missing adapter means full fine-tuning, with a warning', () => {

@@ -320,7 +320,7 @@ export interface ParsedAdapterConfig {
 
 /**
  * Reads an adapter_config.json object as PEFT does: unknown keys are dropped with a warning (forward compatible),
- * `peft_type` must be LORA, and fields that change the math in ways not implemented here are refused.
+ * `peft_type` must be LORA, and fields that change the math in ways lowrank does not support are refused.
  */
 export function parseAdapterConfig(json: unknown, where = 'adapter_config.json'): ParsedAdapterConfig {
   if (json === null || typeof json !== 'object' || Array.isArray(json))
