@@ -34,6 +34,18 @@ function collect(value: unknown, out: Set<Disposable>, depth = 0): void {
     for (const v of Object.values(value)) collect(v, out, depth + 1);
 }
 
+/** Ends a scope: disposes what it tracked except the result's tensors and kept ones, which move up. */
+function closeScope(scope: Set<Disposable>, result: unknown): void {
+  const survivors = new Set<Disposable>();
+  collect(result, survivors);
+  const parent = stack[stack.length - 1];
+  for (const t of scope) {
+    if (survivors.has(t) || t.kept) {
+      if (parent && !t.kept) parent.add(t);
+    } else t.dispose();
+  }
+}
+
 export function tidy<T>(fn: () => T): T {
   const scope = new Set<Disposable>();
   stack.push(scope);
@@ -46,14 +58,7 @@ export function tidy<T>(fn: () => T): T {
     throw e;
   }
   stack.pop();
-  const survivors = new Set<Disposable>();
-  collect(result, survivors);
-  const parent = stack[stack.length - 1];
-  for (const t of scope) {
-    if (survivors.has(t) || t.kept) {
-      if (parent && !t.kept) parent.add(t);
-    } else t.dispose();
-  }
+  closeScope(scope, result);
   return result;
 }
 
@@ -64,17 +69,12 @@ export async function tidyAsync<T>(fn: () => Promise<T>): Promise<T> {
   let result: T;
   try {
     result = await fn();
-  } finally {
-    const i = stack.lastIndexOf(scope);
-    if (i >= 0) stack.splice(i, 1);
+  } catch (e) {
+    stack.splice(stack.lastIndexOf(scope), 1);
+    for (const t of scope) if (!t.kept) t.dispose();
+    throw e;
   }
-  const survivors = new Set<Disposable>();
-  collect(result, survivors);
-  const parent = stack[stack.length - 1];
-  for (const t of scope) {
-    if (survivors.has(t) || t.kept) {
-      if (parent && !t.kept) parent.add(t);
-    } else t.dispose();
-  }
+  stack.splice(stack.lastIndexOf(scope), 1);
+  closeScope(scope, result);
   return result;
 }

@@ -55,7 +55,8 @@ function openWeights(dir: string): SafetensorsReader {
   );
 }
 
-export function readHFConfig(dir: string): ModelConfig {
+/** config.json of a model dir as an object; ConfigError naming the file when absent or not a JSON object. */
+export function readConfigJson(dir: string): { file: string; json: Record<string, unknown> } {
   const file = join(dir, 'config.json');
   if (!existsSync(file)) throw new ConfigError(`${dir}: no config.json (is this a Hugging Face model dir?)`);
   let json: unknown;
@@ -64,10 +65,14 @@ export function readHFConfig(dir: string): ModelConfig {
   } catch (e) {
     throw new ConfigError(`${file}: invalid JSON: ${(e as Error).message}`);
   }
-  if (json && typeof json === 'object' && 'quantization_config' in json) {
-    // bnb-4bit checkpoints are handled by the quantization loader; here only plain weights
-  }
-  return configFromHF(json as Record<string, unknown>, file);
+  if (json === null || typeof json !== 'object' || Array.isArray(json))
+    throw new ConfigError(`${file}: expected a JSON object`);
+  return { file, json: json as Record<string, unknown> };
+}
+
+export function readHFConfig(dir: string): ModelConfig {
+  const { file, json } = readConfigJson(dir);
+  return configFromHF(json, file);
 }
 
 export async function loadHFDir(dir: string, opts: LoadOptions = {}): Promise<LoadedModel> {

@@ -16,6 +16,7 @@
 // transformers utils/quantization_config.py BitsAndBytesConfig.
 
 import { ConfigError, FormatError, fmtShape } from '../core/errors.ts';
+import { type RawTensor, type SafetensorsDType, safetensorsItemSize } from '../formats/safetensors.ts';
 import {
   BLOCKSIZES_4BIT,
   type DoubleQuantAbsmax,
@@ -27,28 +28,9 @@ import {
 import { code4bit, type QuantType4 } from './codebooks.ts';
 import { pyJsonDumps } from './pyjson.ts';
 
-/** safetensors dtype names. */
-export type SafetensorsDtype =
-  | 'BOOL'
-  | 'U8'
-  | 'I8'
-  | 'I16'
-  | 'U16'
-  | 'F16'
-  | 'BF16'
-  | 'I32'
-  | 'U32'
-  | 'F32'
-  | 'F64'
-  | 'I64'
-  | 'U64';
-
-/** A tensor as raw little-endian bytes, ready for the safetensors writer. */
-export interface RawTensor {
-  dtype: SafetensorsDtype;
-  shape: number[];
-  data: Uint8Array;
-}
+/** safetensors dtype names and raw tensors, as the safetensors reader and writer use them. */
+export type SafetensorsDtype = SafetensorsDType;
+export type { RawTensor };
 
 /** bnb_4bit_quant_storage values transformers accepts, and their safetensors dtype. */
 export type QuantStorage = 'uint8' | 'int8' | 'float16' | 'bfloat16' | 'float32' | 'float64';
@@ -59,21 +41,6 @@ const STORAGE_DTYPE: Record<QuantStorage, SafetensorsDtype> = {
   bfloat16: 'BF16',
   float32: 'F32',
   float64: 'F64',
-};
-const ITEM_SIZE: Partial<Record<SafetensorsDtype, number>> = {
-  BOOL: 1,
-  U8: 1,
-  I8: 1,
-  I16: 2,
-  U16: 2,
-  F16: 2,
-  BF16: 2,
-  I32: 4,
-  U32: 4,
-  F32: 4,
-  F64: 8,
-  I64: 8,
-  U64: 8,
 };
 
 const QS_PREFIX = 'quant_state.bitsandbytes__';
@@ -145,7 +112,7 @@ export function toBnb4bitTensors(
   const dtype = STORAGE_DTYPE[storage];
   if (!dtype)
     throw new ConfigError(`quantStorage must be one of ${Object.keys(STORAGE_DTYPE).join(', ')} (got ${storage})`);
-  const itemSize = ITEM_SIZE[dtype]!;
+  const itemSize = safetensorsItemSize(dtype);
   if (state.packed.length % itemSize !== 0) {
     throw new ConfigError(
       `quantStorage ${storage}: ${state.packed.length} packed bytes of ${name}.weight are not a multiple of ${itemSize}`,
@@ -194,7 +161,7 @@ function checkRaw(key: string, t: RawTensor, dtypes: readonly SafetensorsDtype[]
   if (!Array.isArray(t.shape) || t.shape.some((d) => !Number.isInteger(d) || d < 0)) {
     fail(key, `invalid shape ${JSON.stringify(t.shape)}`);
   }
-  const bytes = numel(t.shape) * ITEM_SIZE[t.dtype]!;
+  const bytes = numel(t.shape) * safetensorsItemSize(t.dtype);
   if (!(t.data instanceof Uint8Array) || t.data.length !== bytes) {
     fail(key, `${t.data?.length ?? 'no'} data bytes for ${t.dtype} ${fmtShape(t.shape)} (need ${bytes})`);
   }
@@ -263,7 +230,7 @@ export function fromBnb4bitTensors(tensors: Record<string, RawTensor>, name: str
   const storageTypes: SafetensorsDtype[] = ['U8', 'I8', 'F16', 'BF16', 'F32', 'F64'];
   checkRaw(w, wT, storageTypes);
   const packedBytes = Math.ceil(n / 2);
-  const item = ITEM_SIZE[wT.dtype]!;
+  const item = safetensorsItemSize(wT.dtype);
   if (packedBytes % item !== 0) fail(w, `${packedBytes} packed bytes cannot be stored as ${wT.dtype}`);
   checkRaw(w, wT, storageTypes, [packedBytes / item, 1]);
 

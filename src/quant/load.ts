@@ -7,7 +7,7 @@
 //  - an LLM.int8() dir (load_in_8bit: "P.weight" int8 + "P.SCB"): dequantized to dense Linears.
 // Malformed quant states raise FormatError naming the file and the tensor.
 
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { type DType, fromF32 } from '../core/dtype.ts';
 import { ConfigError, FormatError, fmtShape } from '../core/errors.ts';
@@ -22,7 +22,14 @@ import {
 } from '../formats/safetensors.ts';
 import { configFromGguf, configFromHF, type ModelConfig } from '../models/config.ts';
 import { LlamaDecoderLayer, LlamaForCausalLM } from '../models/llama.ts';
-import { ggufToHFName, hfToGgufName, type LoadedModel, resolveModelPath, unpermuteRope } from '../models/load.ts';
+import {
+  ggufToHFName,
+  hfToGgufName,
+  type LoadedModel,
+  readConfigJson,
+  resolveModelPath,
+  unpermuteRope,
+} from '../models/load.ts';
 import { DTYPE_OF, fillFromF32, fillFromRaw } from '../models/weights.ts';
 import { Linear } from '../nn/layers.ts';
 import { type Module, ModuleList } from '../nn/module.ts';
@@ -151,20 +158,6 @@ function ggufSource(path: string): { src: WeightSource; config: ModelConfig; met
     g.close();
     throw e;
   }
-}
-
-function readConfigJson(dir: string): { file: string; json: Record<string, unknown> } {
-  const file = join(dir, 'config.json');
-  if (!existsSync(file)) throw new ConfigError(`${dir}: no config.json (is this a Hugging Face model dir?)`);
-  let json: unknown;
-  try {
-    json = JSON.parse(readFileSync(file, 'utf8'));
-  } catch (e) {
-    throw new ConfigError(`${file}: invalid JSON: ${(e as Error).message}`);
-  }
-  if (json === null || typeof json !== 'object' || Array.isArray(json))
-    throw new ConfigError(`${file}: expected a JSON object`);
-  return { file, json: json as Record<string, unknown> };
 }
 
 /** The checkpoint's quantization_config, normalized; null when it has none. */

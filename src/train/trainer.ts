@@ -29,6 +29,7 @@ import { planSteps, serializeTrainConfig, type TrainConfig } from './config.ts';
 import { createLoaders, type PreparedData } from './data.ts';
 import type { Batch, DataLoader } from './data-pack.ts';
 import { AdamW, clipFactor, gradNorm, lrLambda } from './optim.ts';
+import type { ProgressInfo } from './progress.ts';
 
 /** The model with its trainable tensors and how to save the result (set up by adapter-setup.ts). */
 export interface TrainTarget {
@@ -47,15 +48,7 @@ export interface TrainOptions {
   /** Resume from this checkpoint dir, or true for the latest in output_dir. */
   resume?: string | boolean;
   log?: TrainLog;
-  onProgress?: (p: {
-    step: number;
-    total: number;
-    loss: number;
-    lr: number;
-    tokensPerSecond: number;
-    etaSeconds: number;
-    gradNorm?: number;
-  }) => void;
+  onProgress?: (p: ProgressInfo) => void;
   /** Stop with an error after this many consecutive skipped (non-finite) steps. Default 10. */
   maxNonFinite?: number;
 }
