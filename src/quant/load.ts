@@ -401,7 +401,7 @@ function linearFor(ctx: BuildContext, name: string, lin: Linear): Module {
   return out;
 }
 
-/** Fills the dense parameters of a module tree (replacing placeholders) and swaps its Linears. */
+/** Fills the dense parameters of a module tree (replacing the shape-only u8 tensors it was built with) and swaps its Linears. */
 function fillModule(ctx: BuildContext, root: Module, prefix: string): void {
   const modules = [...root.namedModules()];
   for (const [path, m] of modules) {
@@ -459,7 +459,7 @@ function build(
   const total = L + 1;
   const model = noGrad(() => {
     // The shell holds the embedding, final norm and head; decoder layers are built one at a time so that
-    // only one layer's placeholders exist at once.
+    // only one layer's shape-only tensors exist at once.
     const shellCfg: ModelConfig = { ...config, num_hidden_layers: 0 };
     const m = new LlamaForCausalLM(shellCfg, { dtype: 'u8', empty: true });
     shellCfg.num_hidden_layers = L;
@@ -477,7 +477,7 @@ function build(
     opts.onProgress?.(1, total, 'embeddings and head');
     const layers: LlamaDecoderLayer[] = [];
     for (let i = 0; i < L; i++) {
-      // u8 placeholders (never written) mark the shapes; fillModule replaces every one of them.
+      // shape-only u8 tensors (never written) mark the shapes; fillModule replaces every one of them.
       const layer = new LlamaDecoderLayer(config, i, { dtype: 'u8', empty: true });
       fillModule(ctx, layer, `model.layers.${i}`);
       layers.push(layer);
