@@ -22,6 +22,7 @@ for (const dtype of ['f32', 'bf16'] as const) {
   const cfg = presetConfig(preset);
   const model = initModel(cfg, 0, dtype);
   model.eval();
+  model.useDecodeLayout();
   let weightBytes = 0;
   for (const [, p] of model.namedParameters()) weightBytes += p.size * (p.dtype === 'f32' ? 4 : 2);
   const rng = new Rng(1);

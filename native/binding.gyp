@@ -36,7 +36,7 @@
     },
     {
       'target_name': 'lowrank_native',
-      'sources': ['addon.cc', 'ops_addon.cc'],
+      'sources': ['addon.cc', 'ops_addon.cc', 'pool.cc'],
       'dependencies': [
         "<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except",
         'lowrank_generic',

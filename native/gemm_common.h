@@ -9,9 +9,18 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 namespace lowrank {
 
 enum DTypeCode : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// The kernels' threads (pool.cc): runs fn(ctx, t) once for every t in [0, tasks), task 0 on the calling thread
+// and the others on the process's worker threads, and returns when all are done. Which thread runs a task
+// never changes a result (when the workers are busy, the caller runs every task itself). Wrap it with a
+// lambda through par_tasks_n (ops_simd.h, gemm_driver.h) rather than calling it directly.
+using PoolFn = void (*)(void* ctx, int task);
+void pool_run(int tasks, PoolFn fn, void* ctx);
 
 // A matrix operand: element (r, c) lives at p[r * rs + c * cs] (in elements of its dtype).
 // One of rs / cs is 1 for every operand the N-API layer builds (row-major with a leading dimension,

@@ -23,6 +23,8 @@
 // The including TU has already included <stdlib.h>, <string.h>, <time.h> and (under _OPENMP) <omp.h> at global
 // scope, and gemm_scalar.h inside its namespace.
 
+#include "par.h"
+
 namespace {
 
 double now_seconds() {
@@ -124,22 +126,12 @@ void gemm_blocked(const GemmCall& g, int threads) {
     }
   }
   const int tm = best_tm, tn = T / tm;
-#pragma omp parallel num_threads(T)
-  {
-    // The runtime may grant fewer threads than asked (nested regions, OMP_THREAD_LIMIT): every rectangle is
-    // still done, some threads doing several.
-    int t = 0, nt = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    for (int q = t; q < T; q += nt) {
-      const int r = q / tn, c = q % tn;
-      const int64_t i0 = split_at(ms, tm, r) * MR, i1 = min64(split_at(ms, tm, r + 1) * MR, g.M);
-      const int64_t j0 = split_at(ns, tn, c) * NR, j1 = min64(split_at(ns, tn, c + 1) * NR, g.N);
-      gemm_rect(g, i0, i1, j0, j1);
-    }
-  }
+  par_tasks_n(T, [&](int q) {
+    const int r = q / tn, c = q % tn;
+    const int64_t i0 = split_at(ms, tm, r) * MR, i1 = min64(split_at(ms, tm, r + 1) * MR, g.M);
+    const int64_t j0 = split_at(ns, tn, c) * NR, j1 = min64(split_at(ns, tn, c + 1) * NR, g.N);
+    gemm_rect(g, i0, i1, j0, j1);
+  });
 }
 
 // Skinny products: S (<= kSkinny) rows of a small operand X against L rows of a large one W, streamed once.
@@ -195,15 +187,7 @@ void run_skinny(const Skinny& sk, int threads, int64_t align) {
     body(0);
     return;
   }
-#pragma omp parallel num_threads(T)
-  {
-    int t = 0, nt = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    for (int q = t; q < T; q += nt) body(q);
-  }
+  par_tasks_n(T, [&](int q) { body(q); });
 }
 
 // Routes one GEMM: skinny when M or N is small, blocked otherwise. The skinny path packs X into the calling

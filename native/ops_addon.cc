@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include <string>
+#include <vector>
 
 #include "ops_common.h"
 
@@ -576,6 +577,71 @@ Napi::Value LoraWeightNorm(const Napi::CallbackInfo& info) {
   return a.env().Undefined();
 }
 
+// loraRows(x, xOff, out, oOff, rows, inF, outF, rowGroup, rgOff, desc, ngroups, ...buffers): the weights live in
+// the ArrayBuffers passed last (each once; plain arguments, as reading them out of an array costs more than the
+// kernel on small models). desc[8 * ngroups] per group: aBuffer, aOff, bBuffer, bOff, r, scale, biasBuffer (-1:
+// none), biasOff, with buffers as argument indexes from 0 and offsets in floats from the buffer's start;
+// rowGroup[i] in [-1, ngroups).
+Napi::Value LoraRows(const Napi::CallbackInfo& info) {
+  Args a{info, "loraRows"};
+  if (info.Length() < 11) a.count(11);
+  const int64_t rows = a.integer(4), inF = a.integer(5), outF = a.integer(6), ng = a.integer(10);
+  const float* x = a.f32(0, a.integer(1), mul_ck(a.env(), rows, inF));
+  float* out = a.f32(2, a.integer(3), mul_ck(a.env(), rows, outF));
+  const int32_t* rg = a.i32(7, a.integer(8), rows);
+  const double* d = a.desc(9, mul_ck(a.env(), ng, 8));
+  const napi_env env = a.env();
+  const size_t nbuf = info.Length() - 11;
+  constexpr size_t kStack = 256;
+  const float* ptr_s[kStack];
+  int64_t len_s[kStack];
+  std::vector<const float*> ptr_v;
+  std::vector<int64_t> len_v;
+  const float** ptr = ptr_s;
+  int64_t* len = len_s;
+  if (nbuf > kStack) {
+    ptr_v.resize(nbuf);
+    len_v.resize(nbuf);
+    ptr = ptr_v.data();
+    len = len_v.data();
+  }
+  for (size_t k = 0; k < nbuf; ++k) {
+    void* data = nullptr;
+    size_t bytes = 0;
+    bool is_ab = false;
+    if (napi_is_arraybuffer(env, info[11 + k], &is_ab) != napi_ok || !is_ab ||
+        napi_get_arraybuffer_info(env, info[11 + k], &data, &bytes) != napi_ok)
+      a.fail_type(11 + k, "must be an ArrayBuffer");
+    ptr[k] = (const float*)data;
+    len[k] = (int64_t)(bytes / 4);
+  }
+  std::vector<LoraRowsGroup> groups((size_t)ng);
+  auto span = [&](double which, double off, int64_t n, const char* what) -> const float* {
+    if (!(which >= 0 && which < (double)nbuf && off >= 0 && off <= kMaxInt) || which != (double)(int64_t)which ||
+        off != (double)(int64_t)off)
+      range_error(a.env(), std::string("loraRows: ") + what + ": bad buffer index or offset");
+    const int64_t k = (int64_t)which, o = (int64_t)off;
+    if (o > len[k] || n > len[k] - o)
+      range_error(a.env(), std::string("loraRows: ") + what + " has " + std::to_string(len[k]) +
+                               " floats, the kernel touches [" + std::to_string(o) + ", " + std::to_string(o + n) + ")");
+    return ptr[k] + o;
+  };
+  for (int64_t g = 0; g < ng; ++g) {
+    const double* e = d + 8 * g;
+    LoraRowsGroup& G = groups[g];
+    if (!(e[4] >= 0 && e[4] <= 1e9) || e[4] != (double)(int64_t)e[4]) range_error(a.env(), "loraRows: bad rank");
+    G.r = (int64_t)e[4];
+    G.a = span(e[0], e[1], mul_ck(a.env(), G.r, inF), "lora_A");
+    G.b = span(e[2], e[3], mul_ck(a.env(), outF, G.r), "lora_B");
+    G.lb = e[6] < 0 ? nullptr : span(e[6], e[7], outF, "lora_B bias");
+    G.scale = e[5];
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    if (rg[i] < -1 || rg[i] >= ng) range_error(a.env(), "loraRows: row group out of range");
+  ops()->lora_rows(x, out, rg, rows, inF, outF, groups.data(), ng, threads());
+  return a.env().Undefined();
+}
+
 // ---- 4-bit ------------------------------------------------------------------------------------------------
 
 // A 4-bit weight from 11 arguments at `at`: code, codeOff, packed, pOff, absmax, aOff, absmaxU8, nestedAbsmax|null,
@@ -680,6 +746,7 @@ void init_ops(Napi::Env env, Napi::Object exports, int (*get_isa)(), int (*get_t
       {"sumSquares", SumSquares},
       {"dropout", Dropout},
       {"loraWeightNorm", LoraWeightNorm},
+      {"loraRows", LoraRows},
       {"gemm4bit", Gemm4bit},
       {"gemm4bitBackwardInput", Gemm4bitBackwardInput},
       {"dequantize4bitRows", Dequantize4bitRows},

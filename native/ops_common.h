@@ -9,6 +9,10 @@
 
 #include <stdint.h>
 
+#include <array>
+#include <atomic>
+#include <utility>
+
 #include "gemm_common.h"
 
 namespace lowrank {
@@ -87,6 +91,16 @@ struct W4Args {
   double offset;  // added in f64 then rounded, as the reference
 };
 
+// One adapter of a mixed-adapter batch (ops_lora.h): lora_A [r, in], lora_B [outF, r], lora_B's bias [outF] or
+// null, all f32 and contiguous, and the scale s.
+struct LoraRowsGroup {
+  const float* a;
+  const float* b;
+  const float* lb;
+  int64_t r;
+  double scale;
+};
+
 struct AdamWScalars {
   double beta1, beta2, one_minus_beta1, one_minus_beta2, bc2, step_size, decay, eps, grad_scale;
 };
@@ -138,6 +152,8 @@ struct OpsImpl {
   // lora
   void (*lora_weight_norm)(const void* w, int wdt, const float* a, const float* b, float scale, float* out,
                            int64_t outF, int64_t inF, int64_t r, int transposed, int threads);
+  void (*lora_rows)(const float* x, float* out, const int32_t* row_group, int64_t rows, int64_t inF, int64_t outF,
+                    const LoraRowsGroup* groups, int64_t ngroups, int threads);
   // 4-bit
   void (*gemm4bit)(const float* x, const W4Args& w, const void* bias, int bdt, float* y, int64_t m, int threads);
   void (*gemm4bit_bwd)(const float* g, const W4Args& w, float* dx, int64_t m, int threads);

@@ -395,15 +395,7 @@ void scatter_add_rows_k(const float* g, const int32_t* idx, int64_t count, int64
     body(0, 1);
     return;
   }
-#pragma omp parallel num_threads(T)
-  {
-    int t = 0, nt = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    body(t, nt);
-  }
+  par_tasks_n(T, [&](int t) { body(t, T); });
 }
 
 // ---- dropout ----------------------------------------------------------------------------------------------

@@ -86,6 +86,11 @@ void load_block_t(const void* p, int dt, int64_t base, int64_t rstride, int64_t 
       r[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + at)));
       continue;
     }
+    if (dt == kOpBF16 && kn == 8) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + at)));
+      r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      continue;
+    }
     for (int64_t k = 0; k < kn; ++k) tmp[k] = ld1dt(p, dt, at + k);
     r[i] = _mm256_load_ps(tmp);
   }
@@ -180,22 +185,24 @@ void rg_pack_a(const RG& g, int64_t i0, int64_t rows, int64_t k0, int64_t kc, fl
   }
 }
 
-// One tile: R rows x NJ columns over kc, written (first block, !add) or added to C.
-template <int R>
-void rg_tile(int64_t kc, const float* __restrict Ap, const float* __restrict Bp, float* C, int64_t ldc,
-             int64_t ncols, bool write, float alpha) {
-  vf acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vset(0.0f);
+// One tile: R rows x NV vectors of columns over kc, written (first block, !add) or added to C. A(r, k) is read
+// at Ap[r * ars + k * aks]: packed (ars 1, aks RMAX) or, for f32 A, where it lies.
+template <int R, int NV>
+void rg_tile(int64_t kc, const float* __restrict Ap, int64_t ars, int64_t aks, const float* __restrict Bp,
+             float* C, int64_t ldc, int64_t ncols, bool write, float alpha) {
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vset(0.0f);
   for (int64_t k = 0; k < kc; ++k) {
-    const vf b0 = vload(Bp + k * NJ), b1 = vload(Bp + k * NJ + VW);
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(Bp + k * NJ + v * VW);
     for (int r = 0; r < R; ++r) {
-      const vf a = vset(Ap[k * RMAX + r]);
-      acc[r][0] = vfma(a, b0, acc[r][0]);
-      acc[r][1] = vfma(a, b1, acc[r][1]);
+      const vf a = vset(Ap[r * ars + k * aks]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < 2; ++v) {
+    for (int v = 0; v < NV; ++v) {
       const int64_t cols = ncols - v * VW;
       if (cols <= 0) continue;
       float* c = C + r * ldc + v * VW;
@@ -210,35 +217,153 @@ void rg_tile(int64_t kc, const float* __restrict Ap, const float* __restrict Bp,
   }
 }
 
-void rg_tile_any(int64_t rows, int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t ncols,
-                 bool write, float alpha) {
-  switch (rows) {
-    case 1: rg_tile<1>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 2: rg_tile<2>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 3: rg_tile<3>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 4: rg_tile<4>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-#if LR_VW >= 8
-    case 5: rg_tile<5>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 6: rg_tile<6>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-#endif
-#if LR_VW >= 16
-    case 7: rg_tile<7>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 8: rg_tile<8>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 9: rg_tile<9>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 10: rg_tile<10>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 11: rg_tile<11>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-    case 12: rg_tile<12>(kc, Ap, Bp, C, ldc, ncols, write, alpha); break;
-#endif
-    default: break;
-  }
+using RgTileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, bool,
+                          float);
+template <int NV, int... I>
+constexpr std::array<RgTileFn, sizeof...(I)> rg_tiles(std::integer_sequence<int, I...>) {
+  return {&rg_tile<I + 1, NV>...};
+}
+constexpr auto kRgTiles1 = rg_tiles<1>(std::make_integer_sequence<int, RMAX>{});
+constexpr auto kRgTiles2 = rg_tiles<2>(std::make_integer_sequence<int, RMAX>{});
+
+// rows (1..RMAX) x ncols (<= NJ; one vector when ncols <= VW, so no FMA is spent on absent columns).
+void rg_tile_any(int64_t rows, int64_t kc, const float* Ap, int64_t ars, int64_t aks, const float* Bp, float* C,
+                 int64_t ldc, int64_t ncols, bool write, float alpha) {
+  if (rows < 1 || rows > RMAX) return;
+  (ncols <= VW ? kRgTiles1 : kRgTiles2)[rows - 1](kc, Ap, ars, aks, Bp, C, ldc, ncols, write, alpha);
 }
 
 thread_local Scratch tls_rg_a, tls_rg_b;
+
+// ---- few rows against B stored along j (decoding with a weight kept as [K, N]: see useDecodeLayout) -----
+//
+// The same chains as rg_tile (per element: FMAs over k in order, from 0 at each KC block, each block's chain
+// written or added to C), but B is read where it lies, one row of k at a time, with the chains of a strip of
+// columns kept in a small buffer: no packing, so decoding streams each weight once at memory speed.
+
+constexpr int64_t kGemvRows = 4;
+constexpr int64_t kGemvStrip = 2048;  // columns per strip: M x 8 KiB of chains stays in L1/L2
+constexpr int64_t kGemvAhead = 8;     // rows of B prefetched ahead
+
+// VW elements of B's row from p + i, converted to f32 (n < VW: the first n, the rest 0).
+inline vf gv_load(const void* p, int dt, int64_t i, int64_t n) {
+  if (dt == kOpF32) return vload_part((const float*)p + i, n);
+  alignas(64) float tmp[VW];
+  if (n >= VW) {
+#if defined(__AVX512F__) && LR_VW == 16
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
+    return dt == kOpBF16 ? (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                         : (vf)_mm512_cvtph_ps(h);
+#elif defined(__AVX2__) && LR_VW == 8
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    return dt == kOpBF16 ? (vf)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                         : (vf)_mm256_cvtph_ps(h);
+#else
+    load_row(p, dt, i, VW, tmp);
+    return vload(tmp);
+#endif
+  }
+  load_row(p, dt, i, n, tmp);
+  return vload_n(tmp, n);
+}
+
+template <int R>
+void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, float* t) {
+  const Operand& B = g.B;
+  const int64_t nv = (n + VW - 1) / VW, ts = nv * VW;  // t[r * ts + j]: the chains of row r
+  const int es = B.dtype == kOpF32 ? 4 : 2;
+  const char* bp = (const char*)B.p;
+  for (int64_t k0 = 0; k0 < g.K; k0 += KC) {
+    const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
+    for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
+    int64_t k = k0;
+    // four rows of B per pass over the chains (each chain still takes its k in order)
+    for (; k + 4 <= k0 + kc; k += 4) {
+      vf av[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int q = 0; q < 4; ++q) av[r][q] = vset(Ap[r * g.K + k + q]);
+      const int64_t row = k * B.rs + j0;
+      if (k + 4 + kGemvAhead < g.K)
+        for (int q = 0; q < 4; ++q)
+          for (int64_t j = 0; j < n; j += 64 / es) __builtin_prefetch(bp + (row + (kGemvAhead + q) * B.rs + j) * es);
+      for (int64_t jv = 0; jv < n; jv += VW) {
+        const int64_t m = n - jv < VW ? n - jv : VW;
+        const vf b0 = gv_load(B.p, B.dtype, row + jv, m), b1 = gv_load(B.p, B.dtype, row + B.rs + jv, m);
+        const vf b2 = gv_load(B.p, B.dtype, row + 2 * B.rs + jv, m), b3 = gv_load(B.p, B.dtype, row + 3 * B.rs + jv, m);
+        for (int r = 0; r < R; ++r) {
+          float* tp = t + r * ts + jv;
+          vf c = vload(tp);
+          c = vfma(av[r][0], b0, c);
+          c = vfma(av[r][1], b1, c);
+          c = vfma(av[r][2], b2, c);
+          c = vfma(av[r][3], b3, c);
+          vstore(tp, c);
+        }
+      }
+    }
+    for (; k < k0 + kc; ++k) {
+      vf av[R];
+      for (int r = 0; r < R; ++r) av[r] = vset(Ap[r * g.K + k]);
+      const int64_t row = k * B.rs + j0;
+      for (int64_t jv = 0; jv < n; jv += VW) {
+        const vf b = gv_load(B.p, B.dtype, row + jv, n - jv < VW ? n - jv : VW);
+        for (int r = 0; r < R; ++r) vstore(t + r * ts + jv, vfma(av[r], b, vload(t + r * ts + jv)));
+      }
+    }
+    const bool write = k0 == 0 && !g.add;
+    for (int r = 0; r < R; ++r) {
+      float* c = g.C + r * g.ldc + j0;
+      for (int64_t jv = 0; jv < n; jv += VW) {
+        const int64_t cols = n - jv < VW ? n - jv : VW;
+        vf val = vload(t + r * ts + jv);
+        if (write) {
+          if (g.alpha != 1.0f) val = val * vset(g.alpha);
+        } else {
+          val = vload_part(c + jv, cols) + val;
+        }
+        vstore_part(c + jv, val, cols);
+      }
+    }
+  }
+}
+
+// C (M <= kGemvRows rows) from B with B.cs == 1; threads take ranges of columns.
+void rg_gemv(const RG& g, int threads) {
+  const int64_t KC = blocked_kc();
+  float* Ap = tls_rg_a.get<float>((size_t)(g.M * g.K + VW));
+  for (int64_t r = 0; r < g.M; ++r) {
+    if (g.A.cs == 1) {
+      load_row(g.A.p, g.A.dtype, r * g.A.rs, g.K, Ap + r * g.K);
+    } else {
+      for (int64_t k = 0; k < g.K; ++k) Ap[r * g.K + k] = ld1dt(g.A.p, g.A.dtype, r * g.A.rs + k * g.A.cs);
+    }
+  }
+  const int64_t nV = (g.N + VW - 1) / VW;
+  const double bytes = (double)g.N * (double)g.K * (g.B.dtype == kOpF32 ? 4 : 2);
+  const int T = bytes < 128.0 * 1024 ? 1 : threads;
+  par_ranges(nV, T, 1, [&](int64_t v0, int64_t v1) {
+    float* t = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
+    const int64_t j1 = v1 * VW < g.N ? v1 * VW : g.N;
+    for (int64_t j0 = v0 * VW; j0 < j1; j0 += kGemvStrip) {
+      const int64_t n = j1 - j0 < kGemvStrip ? j1 - j0 : kGemvStrip;
+      switch (g.M) {
+        case 1: gv_strip<1>(g, Ap, j0, n, KC, t); break;
+        case 2: gv_strip<2>(g, Ap, j0, n, KC, t); break;
+        case 3: gv_strip<3>(g, Ap, j0, n, KC, t); break;
+        default: gv_strip<4>(g, Ap, j0, n, KC, t); break;
+      }
+    }
+  });
+}
 
 // The blocked GEMM's arithmetic with small tiles (for M <= 16 or N <= 16). Threads split the column panels
 // (few rows) or the row groups (few columns); each element's chain is the same either way.
 void rg_run(const RG& g, int threads) {
   if (g.M <= 0 || g.N <= 0 || g.K <= 0) return;
+  if (g.M <= kGemvRows && g.B.cs == 1) {
+    rg_gemv(g, threads);
+    return;
+  }
   const int64_t KC = blocked_kc();
   const int64_t nJ = (g.N + NJ - 1) / NJ, nG = (g.M + RMAX - 1) / RMAX;
   const bool by_cols = nJ >= nG;
@@ -262,15 +387,17 @@ void rg_run(const RG& g, int threads) {
           const bool write = k0 == 0 && !g.add;
           for (int64_t gi = 0; gi < nG; ++gi) {
             const int64_t rows = g.M - gi * RMAX < RMAX ? g.M - gi * RMAX : RMAX;
-            rg_tile_any(rows, kc, Ap + gi * g.K * RMAX + k0 * RMAX, Bp, g.C + gi * RMAX * g.ldc + j0, g.ldc, ncols,
-                        write, g.alpha);
+            rg_tile_any(rows, kc, Ap + gi * g.K * RMAX + k0 * RMAX, 1, RMAX, Bp, g.C + gi * RMAX * g.ldc + j0, g.ldc,
+                        ncols, write, g.alpha);
           }
         }
       }
     });
     return;
   }
-  // Few columns (N <= 32 here): threads take row groups; B panels are packed per thread and K block.
+  // Few columns (N <= 32 here): threads take row groups; B panels are packed per thread and K block. An f32
+  // A is read where it lies (each of its values is used for only NJ columns: packing it cost as much as the FMAs).
+  const bool direct = g.A.dtype == kOpF32;
   par_ranges(nG, T, 1, [&](int64_t g0, int64_t g1) {
     float* Ap = tls_rg_a.get<float>((size_t)(KC * RMAX + VW));
     float* Bp = tls_rg_b.get<float>((size_t)(nJ * KC * NJ + VW));
@@ -280,10 +407,19 @@ void rg_run(const RG& g, int threads) {
       const bool write = k0 == 0 && !g.add;
       for (int64_t gi = g0; gi < g1; ++gi) {
         const int64_t rows = g.M - gi * RMAX < RMAX ? g.M - gi * RMAX : RMAX;
-        rg_pack_a(g, gi * RMAX, rows, k0, kc, Ap);
+        const float* a = Ap;
+        int64_t ars = 1, aks = RMAX;
+        if (direct) {
+          a = (const float*)g.A.p + gi * RMAX * g.A.rs + k0 * g.A.cs;
+          ars = g.A.rs;
+          aks = g.A.cs;
+        } else {
+          rg_pack_a(g, gi * RMAX, rows, k0, kc, Ap);
+        }
         for (int64_t p = 0; p < nJ; ++p) {
           const int64_t ncols = g.N - p * NJ < NJ ? g.N - p * NJ : NJ;
-          rg_tile_any(rows, kc, Ap, Bp + p * KC * NJ, g.C + gi * RMAX * g.ldc + p * NJ, g.ldc, ncols, write, g.alpha);
+          rg_tile_any(rows, kc, a, ars, aks, Bp + p * KC * NJ, g.C + gi * RMAX * g.ldc + p * NJ, g.ldc, ncols, write,
+                      g.alpha);
         }
       }
     }

@@ -8,6 +8,7 @@
 #include "ops_fused.h"
 #include "ops_attention.h"
 #include "ops_quant.h"
+#include "ops_lora.h"
 
 namespace {
 
@@ -36,6 +37,7 @@ const OpsImpl kOps = {
     sum_squares_k,
     dropout_k,
     lora_weight_norm_k,
+    lora_rows_k,
     gemm4bit_k,
     gemm4bit_bwd_k,
     dequant4bit_k,

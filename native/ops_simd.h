@@ -279,6 +279,8 @@ inline void load_row(const void* p, int dt, int64_t i, int64_t n, float* dst) {
 
 // ---- threads ----------------------------------------------------------------------------------------------
 
+#include "par.h"
+
 inline int64_t split_range(int64_t n, int64_t parts, int64_t i) { return (n / parts) * i + (i < n % parts ? i : n % parts); }
 
 // f(i0, i1) over a static partition of [0, n) into at most `threads` ranges of at least `grain` items.
@@ -292,15 +294,7 @@ void par_ranges(int64_t n, int threads, int64_t grain, F&& f) {
     f((int64_t)0, n);
     return;
   }
-#pragma omp parallel num_threads((int)T)
-  {
-    int t = 0, nt = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    for (int64_t q = t; q < T; q += nt) f(split_range(n, T, q), split_range(n, T, q + 1));
-  }
+  par_tasks_n((int)T, [&](int q) { f(split_range(n, T, q), split_range(n, T, q + 1)); });
 }
 
 // f(i) for i in [0, n), handed out dynamically (for tasks whose results do not depend on which thread runs them).
@@ -308,12 +302,10 @@ template <class F>
 void par_tasks(int64_t n, int threads, F&& f) {
   if (n <= 0) return;
   const int T = (int)(threads < n ? threads : n);
-  if (T <= 1) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-    return;
-  }
-#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i) f(i);
+  std::atomic<int64_t> next{0};
+  par_tasks_n(T, [&](int) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
+  });
 }
 
 // Scratch memory of one thread, grown on demand and kept.

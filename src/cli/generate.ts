@@ -44,6 +44,7 @@ export function registerGenerate(program: Command): void {
     .action(async (o: GenerateCliOptions) => {
       const { model, tokenizer } = await loadModelAndTokenizer(o.model, parseDtype(o.dtype));
       applyAdapterOptions(model, o.adapter ?? [], o.weights);
+      model.useDecodeLayout();
       if (!o.prompt) throw new ConfigError('--prompt is empty');
       const ids = o.chat
         ? tokenizer.encodeChat([{ role: 'user', content: o.prompt }], { addGenerationPrompt: true })

@@ -1,6 +1,7 @@
 // The Llama family (llama, mistral, qwen2 with q/k/v bias, qwen3 with q/k norm) in one readable file.
 // Module names follow transformers, so checkpoints and PEFT adapters address the same paths.
 
+import { getBackend } from '../backend/index.ts';
 import type { DType } from '../core/dtype.ts';
 import { fmtShape, ShapeError } from '../core/errors.ts';
 import type { Rng } from '../core/rng.ts';
@@ -10,6 +11,7 @@ import { Embedding, Linear, RMSNorm } from '../nn/layers.ts';
 import { Module, ModuleList } from '../nn/module.ts';
 import { gelu, swiglu } from '../ops/activation.ts';
 import { attention } from '../ops/attention.ts';
+import { empty } from '../ops/create.ts';
 import { add, mul } from '../ops/elementwise.ts';
 import { crossEntropy } from '../ops/loss.ts';
 import { linear } from '../ops/matmul.ts';
@@ -194,6 +196,26 @@ export class LlamaForCausalLM extends Module {
     return this.getChild('model') as LlamaModel;
   }
 
+  /**
+   * The decoding layout, for inference only: every dense, frozen Linear weight [out, in] is stored as its
+   * transpose [in, out] and kept as a transposed view (the same logical tensor, so every op reads it as
+   * before), and with tied embeddings the head gets a transposed copy of the table. A decode step's products
+   * (a few rows of activations against each weight) then read each weight along its rows, once, at memory
+   * speed; the results are bit-identical to the default layout. Costs a transient copy of one weight at a
+   * time, plus the head's copy when tied. Use a model without it to train, merge or save.
+   */
+  useDecodeLayout(): void {
+    for (const [, m] of this.namedModules()) {
+      if (!(m instanceof Linear)) continue;
+      const w = m.weight;
+      if (w.ndim === 2 && w.isContiguous() && !w.requiresGrad && w.dtype !== 'i32' && w.dtype !== 'u8')
+        m.setParam('weight', storedTransposed(w));
+    }
+    if (!this.getChild('lm_head') && !this.headT) this.headT = keep(storedTransposed(this.lmHeadWeight));
+  }
+
+  private headT: Tensor | null = null;
+
   /** The output head's weight [V, H] (the embedding table when tied). */
   get lmHeadWeight(): Tensor {
     const head = this.getChild('lm_head') as Linear | undefined;
@@ -221,7 +243,7 @@ export class LlamaForCausalLM extends Module {
   /** The output head on hidden states [..., H] -> logits [..., V]. */
   head(h: Tensor): Tensor {
     const head = this.getChild('lm_head') as LinearLike | undefined;
-    return head ? head.forward(h) : linear(h, this.lmHeadWeight);
+    return head ? head.forward(h) : linear(h, this.headT ?? this.lmHeadWeight);
   }
 
   /** Mean cross-entropy over labels != -100 (labels already shifted: label[t] is the target for position t). */
@@ -234,5 +256,19 @@ export class LlamaForCausalLM extends Module {
   override dispose(): void {
     super.dispose();
     this.invFreq.dispose();
+    this.headT?.dispose();
+    this.headT = null;
   }
+}
+
+/** w [R, C] (contiguous) as a view [R, C] with strides [1, R] over a new contiguous [C, R] copy. */
+function storedTransposed(w: Tensor): Tensor {
+  const [r, c] = w.shape as [number, number];
+  const t = empty([c, r], w.dtype);
+  const wt = w.view([c, r], [1, c], w.offset);
+  getBackend().copy(wt, t);
+  wt.dispose();
+  const v = t.view([r, c], [1, r], t.offset);
+  t.dispose();
+  return v;
 }

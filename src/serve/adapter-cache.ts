@@ -10,10 +10,10 @@
 //             strictly, with the base weights refused, before anything is injected).
 //
 // The base weights are never touched: each slot is a separate PEFT adapter of one LoraModel, and a batch picks
-// one per row through ForwardContext.adapterRows (rows grouped by adapter and scale, one shrink and one expand
-// per group). Adapters of different ranks sit side by side. A request's scale (adapter_scale) is a per-row
-// scale on the adapter's slot: scaled and unscaled requests share the same resident weights. Each distinct
-// (adapter set, scale) is a "set" (a lease the engine holds), a cheap view of its slot.
+// one per row through ForwardContext.adapterRows (rows grouped by adapter and scale; each layer computes every
+// group in one loraRows call). Adapters of different ranks sit side by side. A request's scale (adapter_scale)
+// is a per-row scale on the adapter's slot: scaled and unscaled requests share the same resident weights. Each
+// distinct (adapter set, scale) is a "set" (a lease the engine holds), a cheap view of its slot.
 //
 // A mixture sum_i w_i * s_i * B_i A_i x (LoRAX's linear merge, per request) is computed exactly as one adapter
 // whose A stacks the A_i along the rank axis and whose B puts the w_i * s_i * B_i side by side: its rank is the

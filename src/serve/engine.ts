@@ -6,8 +6,8 @@
 // events (started, text deltas, done, errors) for the HTTP side.
 //
 // Batches mix adapters: rows are ordered by adapter so each adapter's rows are contiguous, and the adapter
-// pool turns the per-row choice into the model's ForwardContext.adapterRows (shrink and expand per group;
-// base weights are never modified).
+// pool turns the per-row choice into the model's ForwardContext.adapterRows (every adapter layer then runs all
+// of a batch's adapter groups in one loraRows kernel call; base weights are never modified).
 
 import { randomBytes } from 'node:crypto';
 import { LowrankError, RequestError } from '../core/errors.ts';
@@ -290,7 +290,7 @@ export class Engine {
    * token or the last prompt chunk), samples the next token. On an internal error every row's request fails.
    */
   private forward(rows: { seq: Seq; tokens: number[]; done: boolean }[], fed: (seq: Seq, n: number) => void): void {
-    // rows of one adapter next to each other: the adapter layers shrink and expand per contiguous group
+    // rows of one adapter next to each other (each adapter group's rows contiguous)
     rows.sort((a, b) => (a.seq.lease?.key ?? '').localeCompare(b.seq.lease?.key ?? ''));
     let logits: Float32Array[];
     try {

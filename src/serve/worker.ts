@@ -23,6 +23,7 @@ function post(m: FromWorker): void {
 async function start(): Promise<void> {
   const { model, config } = await loadModel(init.modelPath, { dtype: init.dtype });
   model.eval();
+  model.useDecodeLayout();
   const tokenizer = loadTokenizer(init.modelPath);
   const maxModelLen = init.engine.maxModelLen > 0 ? init.engine.maxModelLen : config.max_position_embeddings;
   const kvBudgetTokens = Math.floor(init.engine.kvCacheBytes / kvBytesPerToken(config));

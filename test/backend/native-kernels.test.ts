@@ -21,7 +21,7 @@ import type { NativeIsa } from '../../src/backend/cpu/native-addon.ts';
 import type { AttentionArgs } from '../../src/backend/kernels/attention.ts';
 import type { Weight4bit } from '../../src/backend/kernels/quant.ts';
 import { type DType, f32ToBf16, f32ToF16 } from '../../src/core/dtype.ts';
-import { IndexError } from '../../src/core/errors.ts';
+import { IndexError, LifetimeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { Tensor } from '../../src/core/tensor.ts';
 import { isDoubleQuant, type QuantState4bit, quantize4bit } from '../../src/quant/blockwise4.ts';
@@ -123,6 +123,7 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
       { n: 17, k: kc + 29 }, // two K blocks
       { n: 70, k: 2 * kc + 5 },
       { n: 3, k: kc + 1 },
+      { n: 2100, k: 37 }, // wider than a strip of the few-row path (ops_gemm.h kGemvStrip)
     ];
     for (const { n, k } of shapes)
       for (const [transA, transB] of [
@@ -177,6 +178,7 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
             [1, 20],
             [2, 5],
             [3, 30],
+            [4, 9],
             [16, 1],
             [17, 20],
           ] as const)
@@ -588,6 +590,144 @@ test('DoRA weight norm, both layouts, bf16 weight', { skip }, () => {
         js.loraWeightNorm(w, a, b, 0.7, o2, outF, inF, r, tr);
         close(f(o1), f(o2), 2 ** -23, 0, `${isa} dora ${dt} transposed=${tr}`);
       }
+  });
+});
+
+/**
+ * loraRows' rows as the gemm path computes them on backend be: per group, u = x A^T (beta 0) then
+ * out += s u B^T (beta 1), after out += s * lora bias (the unary scale, then an add).
+ */
+function loraRowsByGemm(
+  be: Backend,
+  x: Float32Array,
+  out0: Float32Array,
+  rowGroup: Int32Array,
+  groups: { a: Tensor; b: Tensor; scale: number; loraBias: Tensor | null }[],
+  inF: number,
+  outF: number,
+): Float32Array {
+  const out = Float32Array.from(out0);
+  groups.forEach((g, k) => {
+    const rows = [...rowGroup.keys()].filter((i) => rowGroup[i] === k);
+    if (!rows.length) return;
+    const n = rows.length;
+    const r = g.a.shape[0]!;
+    const xg = t32(new Float32Array(n * inF), [n, inF]);
+    const yg = t32(new Float32Array(n * outF), [n, outF]);
+    rows.forEach((i, q) => {
+      f(xg).set(x.subarray(i * inF, (i + 1) * inF), q * inF);
+      f(yg).set(out.subarray(i * outF, (i + 1) * outF), q * outF);
+    });
+    if (g.loraBias) {
+      const lb = zeros([outF]);
+      be.unary('scale', g.loraBias, lb, g.scale);
+      for (let q = 0; q < n; q++) for (let o = 0; o < outF; o++) f(yg)[q * outF + o] += f(lb)[o]!;
+    }
+    const u = zeros([n, r]);
+    const mm = (a: Tensor, lda: number, b: Tensor, ldb: number, c: Tensor, m: number, nn: number, kk: number) => ({
+      transA: false,
+      transB: true,
+      m,
+      n: nn,
+      k: kk,
+      a,
+      aOff: 0,
+      lda,
+      b,
+      bOff: b.offset,
+      ldb,
+      c,
+      cOff: 0,
+      ldc: nn,
+    });
+    be.gemm({ ...mm(xg, inF, g.a, inF, u, n, r, inF), alpha: 1, beta: 0 });
+    be.gemm({ ...mm(u, r, g.b, r, yg, n, outF, r), alpha: g.scale, beta: 1 });
+    rows.forEach((i, q) => {
+      out.set(f(yg).subarray(q * outF, (q + 1) * outF), i * outF);
+    });
+  });
+  return out;
+}
+
+test('loraRows (mixed-adapter rows in one call): bit-identical to the gemm path on every ISA, KC blocks', {
+  skip,
+}, () => {
+  const rng = new Rng(17);
+  eachIsa((nb, isa) => {
+    const kc0 = addon!._blocking(0, 0, 0)[0];
+    // the ISA's own KC, and a small one so that the rank spans several blocks of the expand too
+    for (const kc of [0, 16]) {
+      if (kc) addon!._blocking(kc, 0, 0);
+      try {
+        const KC = addon!._blocking(0, 0, 0)[0];
+        for (const [inF, outF] of [
+          [2 * KC + 37, 70],
+          [45, 12],
+          [64, 64],
+        ] as const) {
+          const rows = 48;
+          const ranks = [4, 8, 16, 24, 3, 33];
+          const scales = [0.5, 2, 1, 0.3, 0, -1.7];
+          const groups = ranks.map((r, k) => ({
+            a: t32(randn(rng, r * inF, 0.2), [r, inF]),
+            b: t32(randn(rng, outF * r, 0.2), [outF, r]),
+            scale: scales[k]!,
+            loraBias: k % 2 ? t32(randn(rng, outF), [outF]) : null,
+          }));
+          // group 3 takes 20 rows (the blocked GEMM on the gemm path), the last rows have none
+          const rg = Int32Array.from({ length: rows }, (_, i) =>
+            i >= 8 && i < 28 ? 3 : i >= 42 ? -1 : [0, 1, 2, 4, 5][i % 5]!,
+          );
+          const x = randn(rng, rows * inF);
+          const out0 = randn(rng, rows * outF);
+          const label = `${isa} KC=${KC} ${inF} -> ${outF}`;
+          const run = (be: Backend) => {
+            const out = t32(Float32Array.from(out0), [rows, outF]);
+            be.loraRows(t32(x, [rows, inF]), out, i32(rg, [rows]), groups, rows, inF, outF);
+            return f(out);
+          };
+          const got = run(nb);
+          same(got, loraRowsByGemm(nb, x, out0, rg, groups, inF, outF), `${label}: native vs its gemms`);
+          closeScaled(got, run(js), (inF + 40) * 2 ** -24 * 8, `${label}: native vs reference`);
+          if (kc === 0)
+            same(run(js), loraRowsByGemm(js, x, out0, rg, groups, inF, outF), `${label}: reference vs its gemms`);
+        }
+      } finally {
+        addon!._blocking(kc0, 0, 0);
+      }
+    }
+    // many rows of few groups: a group's rows split over several chunks (each packs it again), threads
+    {
+      const [rows, inF, outF] = [300, 70, 40];
+      const groups = [16, 5].map((r, k) => ({
+        a: t32(randn(rng, r * inF, 0.2), [r, inF]),
+        b: t32(randn(rng, outF * r, 0.2), [outF, r]),
+        scale: 0.7 + k,
+        loraBias: null,
+      }));
+      const rg = Int32Array.from({ length: rows }, (_, i) => (i % 7 === 0 ? -1 : i % 3 === 0 ? 1 : 0));
+      const x = randn(rng, rows * inF);
+      const out0 = randn(rng, rows * outF);
+      const out = t32(Float32Array.from(out0), [rows, outF]);
+      nb.loraRows(t32(x, [rows, inF]), out, i32(rg, [rows]), groups, rows, inF, outF);
+      same(f(out), loraRowsByGemm(nb, x, out0, rg, groups, inF, outF), `${isa} ${rows} rows of 2 groups`);
+    }
+    // errors as the reference's
+    const g = [{ a: zeros([2, 4]), b: zeros([3, 2]), scale: 1, loraBias: null }];
+    const call = (be: Backend, rg: number[], gs = g) =>
+      be.loraRows(zeros([2, 4]), zeros([2, 3]), i32(rg, [2]), gs, 2, 4, 3);
+    for (const be of [nb, js]) {
+      assert.throws(() => call(be, [0, 1]), IndexError);
+      assert.throws(() => call(be, [0, -2]), IndexError);
+      assert.throws(() => call(be, [0, -1], [{ ...g[0]!, b: zeros([4, 2]) }]), /do not fit/);
+      assert.throws(() => call(be, [0, -1], [{ ...g[0]!, b: zeros([6, 1]).view([3, 2], [1, 3], 0) }]), TypeError);
+      // weights checked at one call are checked again when they change, and a disposed one fails as on a read
+      const gb = [{ a: zeros([2, 4]), b: zeros([3, 2]), scale: 1, loraBias: null }];
+      call(be, [0, -1], gb);
+      assert.throws(() => call(be, [0, -1], [{ ...gb[0]!, b: zeros([3, 3]) }]), /do not fit/);
+      gb[0]!.b.dispose();
+      assert.throws(() => call(be, [0, -1], gb), LifetimeError);
+    }
   });
 });
 

@@ -232,3 +232,48 @@ test('lowrank init-model writes an HF dir that loads and tokenizes', async () =>
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('the decoding layout gives bit-identical logits (tied and untied heads, f32 and bf16, batch 1 to 6)', () => {
+  for (const tied of [true, false])
+    for (const dtype of ['f32', 'bf16'] as const) {
+      const cfg = configFromHF({
+        model_type: 'qwen2',
+        vocab_size: 300,
+        hidden_size: 48,
+        intermediate_size: 80,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        tie_word_embeddings: tied,
+      });
+      const make = () => new LlamaForCausalLM(cfg, { rng: new Rng(7), dtype });
+      const plain = make();
+      const laid = make();
+      laid.useDecodeLayout();
+      const q = laid.inner.layers.items[0]!.getChild('self_attn')!.getChild('q_proj')!.getParam('weight')!;
+      assert.equal(q.isContiguous(), false, 'q_proj is stored transposed');
+      assert.deepEqual(q.shape, [48, 48], 'q_proj keeps its logical shape');
+      for (const batch of [1, 3, 6]) {
+        const prompts = Array.from({ length: batch }, (_, b) =>
+          Array.from({ length: 5 + b }, (_, i) => (i * 7 + b) % 300),
+        );
+        const run = (m: LlamaForCausalLM) => {
+          const s = new DecodeSession(m, batch, 16);
+          const out: Float32Array[] = [];
+          let lg = s.step(prompts);
+          for (let i = 0; i < 4; i++) {
+            out.push(...lg);
+            lg = s.step(lg.map((_, b) => [(i * 13 + b) % 300]));
+          }
+          s.dispose();
+          return out;
+        };
+        const a = run(plain);
+        const b = run(laid);
+        for (let i = 0; i < a.length; i++)
+          assert.deepEqual(b[i], a[i], `tied ${tied} ${dtype} batch ${batch}: logits ${i} differ`);
+      }
+      plain.dispose();
+      laid.dispose();
+    }
+});

@@ -232,7 +232,7 @@ test('addRowsAt adds rows and routes gradients', () => {
   gradcheck('addRowsAt', (b, dd) => addRowsAt(b!, idx, dd!), [base, d]);
 });
 
-test('loraMixedRows: per-row adapters, one shrink and one expand per group, exact rows, gradients', () => {
+test('loraMixedRows: per-row adapters in one call, exact rows, gradients', () => {
   const x = R([5, 2, 6]);
   const w = R([4, 6], 1, false);
   const A1 = R([2, 6]);
@@ -241,14 +241,18 @@ test('loraMixedRows: per-row adapters, one shrink and one expand per group, exac
   const B2 = R([4, 3]);
   const g1 = { idx: intTensor([0, 3]), a: A1, b: B1, scale: 0.5 };
   const g2 = { idx: intTensor([4]), a: A2, b: B2, scale: 2 };
-  const calls: GemmArgs[] = [];
+  const calls: string[] = [];
   const prev = getBackend();
   // counts on top of the active backend: the rows below are computed by it too, and must match exactly
   const counting = {
     ...prev,
     gemm: (p: GemmArgs) => {
-      calls.push(p);
+      calls.push('gemm');
       prev.gemm(p);
+    },
+    loraRows: (...args: Parameters<typeof prev.loraRows>) => {
+      calls.push('loraRows');
+      prev.loraRows(...args);
     },
   };
   const y = noGrad(() => {
@@ -260,7 +264,7 @@ test('loraMixedRows: per-row adapters, one shrink and one expand per group, exac
       setBackend(prev);
     }
   });
-  assert.equal(calls.length, 4, 'two products per group');
+  assert.deepEqual(calls, ['loraRows'], 'without gradients: every group in one call');
   const rowOf = (i: number, a: Tensor | null, b: Tensor | null, s: number) =>
     noGrad(() => {
       const xi = slice(x, 0, i, i + 1);
@@ -317,4 +321,56 @@ test('adapter layer forwards have the right gradients: embedding LoRA, DoRA afte
   const fm = emb.magnitude.get('f')!.weight;
   fm.requiresGrad = true;
   gradcheck('embedding LoRA + DoRA', () => emb.forward(ids), [eA, eB, fm]);
+});
+
+test('loraMixedRows without gradients (one loraRows call) equals the gemm path bit for bit: ranks, KC blocks, biases', () => {
+  const r = new Rng(5);
+  const T = (shape: number[], s = 1) => randomTensor(shape, r, s, false);
+  // in > KC (several blocks of the shrink); outF both side of the skinny threshold and not a vector multiple
+  for (const [inF, outF, perRow] of [
+    [1000, 70, 1],
+    [37, 12, 3],
+    [64, 64, 1],
+  ] as const) {
+    const B = 40;
+    const x = T([B, perRow, inF]);
+    const w = T([outF, inF], 0.1);
+    const base = noGrad(() => linear(x, w));
+    const ranks = [4, 8, 16, 24, 8, 1];
+    const scales = [0.5, 2, 1, 0.3, 0, -1.7];
+    // group 3 has 20 rows (the blocked GEMM's shapes on the gemm path), the others a few; rows 30.. have none
+    const rowsOf = [[0, 7], [1], [2, 5, 6], [...Array(20).keys()].map((i) => 8 + i), [3], [28, 4]];
+    const groups = ranks.map((rk, k) => ({
+      idx: intTensor(rowsOf[k]!),
+      a: T([rk, inF], 0.2),
+      b: T([outF, rk], 0.2),
+      scale: scales[k]!,
+      loraBias: k % 2 === 1 ? T([outF]) : null,
+    }));
+    const what = `${inF} -> ${outF} x ${perRow}`;
+    const fast = noGrad(() => loraMixedRows(base, x, groups).toF32());
+    // the general (gemm) path: an input that needs a gradient
+    const xg = tensor(x.toF32(), x.shape);
+    xg.requiresGrad = true;
+    const slow = tidy(() => loraMixedRows(base, xg, groups).toF32());
+    assert.deepEqual(fast, slow, what);
+    // rows alone through loraLinear (the single-adapter path of generate --adapter)
+    const n = perRow * outF;
+    for (const [row, k] of [
+      [0, 0],
+      [1, 1],
+      [8, 3],
+      [27, 3],
+      [3, 4],
+      [28, 5],
+    ] as const) {
+      const g = groups[k]!;
+      const alone = noGrad(() =>
+        loraLinear(slice(x, 0, row, row + 1), w, null, g.a, g.b, g.scale, { loraBias: g.loraBias }).toF32(),
+      );
+      assert.deepEqual(fast.subarray(row * n, (row + 1) * n), alone, `${what}: row ${row} alone`);
+    }
+    const plain = noGrad(() => linear(slice(x, 0, 35, 36), w).toF32());
+    assert.deepEqual(fast.subarray(35 * n, 36 * n), plain, `${what}: a base row`);
+  }
 });

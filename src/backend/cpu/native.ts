@@ -9,10 +9,12 @@ import { IndexError } from '../../core/errors.ts';
 import type { Tensor } from '../../core/tensor.ts';
 import type { Backend, BinaryOp, CoreKernels, GemmArgs, ReduceOp, UnaryOp } from '../backend.ts';
 import type { AttentionArgs } from '../kernels/attention.ts';
+import type { LoraRowsGroup } from '../kernels/lora.ts';
 import type { Weight4bit } from '../kernels/quant.ts';
 import { jsBackend } from './js.ts';
 import { dropoutThreshold } from './js-dropout.ts';
 import { fmtPosition } from './js-embedding.ts';
+import { checkLoraSizes, checkLoraWeights, checkRowGroups } from './js-lora.ts';
 import { loadNativeAddon, type NativeAddon } from './native-addon.ts';
 
 type F32 = Float32Array;
@@ -67,6 +69,20 @@ export interface NativeOps {
   sumSquares(x: F32, off: number, n: number): number;
   dropout(...args: (number | Arr)[]): void;
   loraWeightNorm(...args: (number | boolean | Arr)[]): void;
+  loraRows(
+    x: F32,
+    xOff: number,
+    out: F32,
+    oOff: number,
+    rows: number,
+    inF: number,
+    outF: number,
+    rowGroup: Int32Array,
+    rgOff: number,
+    desc: Float64Array,
+    ngroups: number,
+    ...buffers: ArrayBufferLike[]
+  ): void;
   gemm4bit(...args: (number | boolean | OptArr | Float64Array)[]): void;
   gemm4bitBackwardInput(...args: (number | boolean | OptArr | Float64Array)[]): void;
   dequantize4bitRows(...args: (number | boolean | OptArr | Float64Array)[]): void;
@@ -242,6 +258,71 @@ function attnHead(a: AttentionArgs): (number | boolean | OptArr)[] {
     a.keyMask ? a.keyMask.dtype === 'i32' : false,
     a.seqIds ? a.seqIds.data : null,
   ];
+}
+
+// loraRows' arguments, reused from call to call: the weights' ArrayBuffers (each once in a row: tensors sharing a
+// storage pass one) and per group aBuffer, aOff, bBuffer, bOff, r, scale, biasBuffer (-1: none), biasOff, with
+// offsets in floats from the buffer's start.
+const loraBuffers: ArrayBufferLike[] = [];
+let loraDescBuf = new Float64Array(64 * 8);
+
+function loraBuffer(desc: Float64Array, d: number, buf: ArrayBufferLike, off: number): void {
+  const k = loraBuffers.length - 1;
+  desc[d] = k >= 0 && loraBuffers[k] === buf ? k : loraBuffers.push(buf) - 1;
+  desc[d + 1] = off;
+}
+
+/** A tensor's ArrayBuffer and its offset there in floats. */
+function bufferOf(t: Tensor): [ArrayBufferLike, number] {
+  const arr = t.data as F32;
+  return [arr.buffer, arr.byteOffset / 4 + t.offset];
+}
+
+/**
+ * Checks the operands as the reference does and fills loraBuffers and the descriptor. A group's buffers are
+ * found once (kept with its checked weights); later calls only check that the tensors were not disposed.
+ */
+function loraDesc(
+  x: Tensor,
+  out: Tensor,
+  rowGroup: Tensor,
+  groups: readonly LoraRowsGroup[],
+  rows: number,
+  inF: number,
+  outF: number,
+): Float64Array {
+  checkLoraSizes(x, out, rowGroup, rows, inF, outF);
+  if (loraDescBuf.length < 8 * groups.length) loraDescBuf = new Float64Array(16 * groups.length);
+  const desc = loraDescBuf;
+  loraBuffers.length = 0;
+  for (let k = 0; k < groups.length; k++) {
+    const g = groups[k]!;
+    const c = checkLoraWeights(g, k, inF, outF);
+    let nv = c.native;
+    if (!nv) {
+      const [a, aOff] = bufferOf(g.a);
+      const [b, bOff] = bufferOf(g.b);
+      const [lb, lbOff] = g.loraBias ? bufferOf(g.loraBias) : [null, 0];
+      nv = c.native = { a, aOff, b, bOff, lb, lbOff };
+    } else {
+      // a disposed tensor fails as when its data is read
+      void g.a.storage;
+      void g.b.storage;
+      if (g.loraBias) void g.loraBias.storage;
+    }
+    const d = 8 * k;
+    loraBuffer(desc, d, nv.a, nv.aOff);
+    loraBuffer(desc, d + 2, nv.b, nv.bOff);
+    desc[d + 4] = c.r;
+    desc[d + 5] = g.scale;
+    if (nv.lb) loraBuffer(desc, d + 6, nv.lb, nv.lbOff);
+    else {
+      desc[d + 6] = -1;
+      desc[d + 7] = 0;
+    }
+  }
+  checkRowGroups(rowGroup, rows, groups.length);
+  return desc;
 }
 
 /** Builds the native backend over a loaded addon. */
@@ -637,6 +718,27 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
       );
     },
 
+    loraRows(x, out, rowGroup, groups, rows, inF, outF) {
+      if (!f32c(x) || !f32c(out) || rowGroup.dtype !== 'i32' || !rowGroup.isContiguous())
+        return js.loraRows(x, out, rowGroup, groups, rows, inF, outF);
+      const desc = loraDesc(x, out, rowGroup, groups, rows, inF, outF);
+      n.loraRows(
+        f(x),
+        x.offset,
+        f(out),
+        out.offset,
+        rows,
+        inF,
+        outF,
+        rowGroup.data as Int32Array,
+        rowGroup.offset,
+        desc,
+        groups.length,
+        ...loraBuffers,
+      );
+      loraBuffers.length = 0;
+    },
+
     gemm4bit(x, w, bias, y, m) {
       const ok =
         w4Ok(w) &&
@@ -716,16 +818,21 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
 /** Whether a loaded addon has the op kernels (an addon built before them lacks them). */
 export function hasOps(addon: NativeAddon): addon is NativeWithOps {
   const a = addon as Partial<NativeWithOps>;
-  return typeof a.gemmRows === 'function' && typeof a.attentionForward === 'function' && typeof a.opsIsa === 'function';
+  return (
+    typeof a.gemmRows === 'function' &&
+    typeof a.attentionForward === 'function' &&
+    typeof a.opsIsa === 'function' &&
+    typeof a.loraRows === 'function'
+  );
 }
 
 /**
- * OpenMP's idle threads spin for a long while after each parallel region (libgomp: 300000 spins) before
- * they sleep. On a machine with few cores that steals the CPU from everything else in the process (V8's
- * compiler and GC threads, a serving engine's event loop, the other OpenMP pool of a worker thread): the
- * unit tests ran up to 20x slower. A short spin keeps back-to-back kernels cheap and then yields. Applies
- * only when the user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT, and only before the addon (and with
- * it libgomp, which reads them once) is loaded.
+ * The kernels run on the addon's own worker threads (native/pool.cc, LOWRANK_SPIN_US); OpenMP is left with
+ * the thread count (OMP_NUM_THREADS) and the machine-limit probes of the benches (fmaPeak, memBandwidth).
+ * libgomp's idle threads spin for a long while after each parallel region (300000 spins), which on a machine
+ * with few cores steals the CPU from everything else in the process, so its spin is kept short. Applies only
+ * when the user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT, and only before the addon (and with it
+ * libgomp, which reads them once) is loaded.
  */
 function configureOpenMP(): void {
   if (process.env.OMP_WAIT_POLICY === undefined && process.env.GOMP_SPINCOUNT === undefined)

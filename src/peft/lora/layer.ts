@@ -464,21 +464,28 @@ export class LoraLinear extends LoraLayerBase implements LinearBase {
   private mixedForward(x: Tensor, rows: RowGroups): Tensor {
     this.checkRows(x, rows);
     const groups: RowGroup[] = [];
+    const loraA = this.loraA;
+    const loraB = this.loraB;
+    const rt = this.rt;
+    const weighted = rt.weights.size > 0;
     for (const g of rows.groups) {
-      if (g.name === null || !this.adapters.has(g.name)) continue;
-      if (this.adapters.get(g.name)!.useDora)
-        throw new ConfigError(`${this.path}: per-row adapters cannot use DoRA adapters ('${g.name}'), as in PEFT`);
-      const Bm = this.loraB.get(g.name)!;
+      const ad = g.name === null ? undefined : this.adapters.get(g.name);
+      if (!ad) continue;
+      const name = g.name!;
+      if (ad.useDora)
+        throw new ConfigError(`${this.path}: per-row adapters cannot use DoRA adapters ('${name}'), as in PEFT`);
+      const Bm = loraB.get(name)!;
       groups.push({
         idx: g.idx,
-        a: this.loraA.get(g.name)!.weight,
+        a: loraA.get(name)!.weight,
         b: Bm.weight,
-        scale: this.scalingOf(g.name, g.scale ?? 1),
+        scale: ad.scaling * ((weighted ? rt.weight(name) : 1) * (g.scale ?? 1)), // = scalingOf(name, g.scale)
         loraBias: Bm.bias,
       });
     }
     const base = this.base.forward(x);
-    return groups.length ? loraMixedRows(base, x, groups) : base;
+    // base is this forward's own temporary: without a gradient the adapters' rows are added into it
+    return groups.length ? loraMixedRows(base, x, groups, { inPlace: true }) : base;
   }
 }
 

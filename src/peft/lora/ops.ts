@@ -9,13 +9,14 @@
 // dA and dB from the small u = xl A^T, and dW only if W itself requires a gradient.
 
 import { getBackend } from '../../backend/index.ts';
+import type { LoraRowsGroup } from '../../backend/kernels/lora.ts';
 import { fmtShape, ShapeError } from '../../core/errors.ts';
 import type { Tensor } from '../../core/tensor.ts';
 import { empty } from '../../ops/create.ts';
 import { gemmInto } from '../../ops/matmul.ts';
 import { sum } from '../../ops/reduce.ts';
 import { f32c } from '../../ops/shape.ts';
-import { noGrad, record } from '../../ops/tape.ts';
+import { isGradEnabled, needsGrad, noGrad, record } from '../../ops/tape.ts';
 
 /** A [rows, cols] view of a contiguous tensor. */
 function rowsView(t: Tensor, rows: number, cols: number): Tensor {
@@ -34,6 +35,22 @@ function gemm(a: Tensor, b: Tensor, c: Tensor, alpha: number, beta: number): voi
 
 function f32NoGrad(t: Tensor): Tensor {
   return noGrad(() => f32c(t));
+}
+
+/** t as contiguous f32 (itself when it is already), a conversion pushed on temps otherwise. */
+function asF32(t: Tensor, temps: Tensor[]): Tensor {
+  const sh = t.shape;
+  const st = t.strides;
+  const dense =
+    sh.length === 2
+      ? (sh[1]! <= 1 || st[1] === 1) && (sh[0]! <= 1 || st[0] === sh[1])
+      : sh.length === 1
+        ? sh[0]! <= 1 || st[0] === 1
+        : t.isContiguous();
+  if (t.dtype === 'f32' && dense) return t;
+  const c = f32NoGrad(t);
+  temps.push(c);
+  return c;
 }
 
 interface Dims {
@@ -431,19 +448,39 @@ export interface RowGroup {
   loraBias?: Tensor | null;
 }
 
+export interface LoraMixedRowsOptions {
+  /**
+   * base is the caller's temporary and may be overwritten: without a gradient, the result is base itself
+   * (when it is contiguous f32) with the adapters' rows added in place.
+   */
+  inPlace?: boolean;
+}
+
 /**
  * Mixed-adapter batch as one node (PEFT's adapter_names; an SGMV on the CPU): base [B, ..., out] is the base
  * layer's output for x [B, ..., in]; every row of group g gets base + s_g (x A_g^T) B_g^T, other rows keep base.
- * Per group: one gather, one shrink (x A^T) and one expand (accumulated into the gathered base rows, so each row
- * is rounded exactly as when it runs alone through loraLinear), one scatter.
+ * Each row is rounded exactly as when it runs alone through loraLinear. Without a gradient every group goes in
+ * one backend loraRows call; with one, per group: a gather, a shrink (x A^T), an expand (accumulated into the
+ * gathered base rows) and a scatter.
  */
-export function loraMixedRows(base: Tensor, x: Tensor, groups: readonly RowGroup[]): Tensor {
+export function loraMixedRows(
+  base: Tensor,
+  x: Tensor,
+  groups: readonly RowGroup[],
+  opts: LoraMixedRowsOptions = {},
+): Tensor {
   const B = x.shape[0]!;
   const inF = x.shape[x.ndim - 1]!;
   const outF = base.shape[base.ndim - 1]!;
   const perRow = x.size / B / inF; // tokens per batch row
   if (base.shape[0] !== B || base.size / B / outF !== perRow)
     throw new ShapeError(`loraMixedRows: base ${fmtShape(base.shape)} does not fit input ${fmtShape(x.shape)}`);
+  const inputs: (Tensor | null)[] = [base, x];
+  if (isGradEnabled()) for (const g of groups) inputs.push(g.a, g.b, g.loraBias ?? null);
+  if (!needsGrad(...inputs)) {
+    const out = mixedRowsNoGrad(base, x, groups, B, perRow, inF, outF, !!opts.inPlace);
+    if (out) return out;
+  }
   const be = getBackend();
   const bc = f32NoGrad(base);
   const xc = f32NoGrad(x);
@@ -453,16 +490,7 @@ export function loraMixedRows(base: Tensor, x: Tensor, groups: readonly RowGroup
   const xgs: Tensor[] = [];
   for (const g of groups) {
     const n = g.idx.size;
-    if (
-      g.a.ndim !== 2 ||
-      g.a.shape[1] !== inF ||
-      g.b.ndim !== 2 ||
-      g.b.shape[0] !== outF ||
-      g.b.shape[1] !== g.a.shape[0]
-    )
-      throw new ShapeError(
-        `loraMixedRows: lora_A ${fmtShape(g.a.shape)} and lora_B ${fmtShape(g.b.shape)} do not fit [${outF}, ${inF}]`,
-      );
+    checkGroup(g, inF, outF);
     for (const i of g.idx.toTyped()) covered[i] = 1;
     const r = g.a.shape[0]!;
     const xg = empty([n * perRow, inF]);
@@ -499,8 +527,6 @@ export function loraMixedRows(base: Tensor, x: Tensor, groups: readonly RowGroup
   }
   if (bc !== base) bc.dispose();
   if (xc !== x) xc.dispose();
-  const inputs: (Tensor | null)[] = [base, x];
-  for (const g of groups) inputs.push(g.a, g.b, g.loraBias ?? null);
   const xShape = x.shape;
   const saved: Tensor[] = [];
   for (let k = 0; k < groups.length; k++) saved.push(groups[k]!.idx, groups[k]!.a, groups[k]!.b, us[k]!, xgs[k]!);
@@ -558,6 +584,106 @@ export function loraMixedRows(base: Tensor, x: Tensor, groups: readonly RowGroup
   );
   for (const t of [...us, ...xgs]) t.dispose();
   return node;
+}
+
+function checkGroup(g: RowGroup, inF: number, outF: number): void {
+  if (
+    g.a.ndim !== 2 ||
+    g.a.shape[1] !== inF ||
+    g.b.ndim !== 2 ||
+    g.b.shape[0] !== outF ||
+    g.b.shape[1] !== g.a.shape[0]
+  )
+    throw new ShapeError(
+      `loraMixedRows: lora_A ${fmtShape(g.a.shape)} and lora_B ${fmtShape(g.b.shape)} do not fit [${outF}, ${inF}]`,
+    );
+}
+
+/**
+ * Adapter weights that loraRows takes as they are (contiguous f32 of fitting shapes), by lora_A: a tensor's
+ * shape, strides and dtype never change, so a group's weights are checked once.
+ */
+const readyWeights = new WeakMap<Tensor, { b: Tensor; lb: Tensor | null; inF: number; outF: number }>();
+
+/**
+ * loraMixedRows without a gradient: every group in one backend loraRows call (the same bits per row as the
+ * gemms of the general path). Returns null, leaving it to the general path, for row indexes that are not a
+ * partition of distinct rows in range (that path raises the errors, or adds a row's groups one after another).
+ */
+function mixedRowsNoGrad(
+  base: Tensor,
+  x: Tensor,
+  groups: readonly RowGroup[],
+  B: number,
+  perRow: number,
+  inF: number,
+  outF: number,
+  inPlace: boolean,
+): Tensor | null {
+  const rows = B * perRow;
+  if (!Number.isInteger(rows) || rows <= 0) return null;
+  // the weights: checked once per lora_A (readyWeights), or here
+  const ready: boolean[] = new Array(groups.length);
+  for (let k = 0; k < groups.length; k++) {
+    const g = groups[k]!;
+    const c = readyWeights.get(g.a);
+    ready[k] = !!c && c.b === g.b && c.lb === (g.loraBias ?? null) && c.inF === inF && c.outF === outF;
+    if (!ready[k]) checkGroup(g, inF, outF);
+  }
+  // the group of every token row
+  const rg = empty([rows], 'i32');
+  const rgd = rg.data as Int32Array;
+  const r0 = rg.offset;
+  rgd.fill(-1, r0, r0 + rows);
+  for (let k = 0; k < groups.length; k++) {
+    const idx = groups[k]!.idx;
+    const n = idx.size;
+    const contiguous = idx.dtype === 'i32' && idx.isContiguous();
+    const ids = contiguous ? (idx.data as Int32Array) : idx.dtype === 'i32' ? (idx.toTyped() as Int32Array) : null;
+    const off = contiguous ? idx.offset : 0;
+    for (let q = 0; q < n; q++) {
+      const b = ids ? ids[off + q]! : -1;
+      if (!(b >= 0 && b < B) || rgd[r0 + b * perRow] !== -1) {
+        rg.dispose();
+        return null;
+      }
+      if (perRow === 1) rgd[r0 + b] = k;
+      else rgd.fill(k, r0 + b * perRow, r0 + (b + 1) * perRow);
+    }
+  }
+  const be = getBackend();
+  const temps: Tensor[] = [rg];
+  try {
+    const xc = f32NoGrad(x);
+    if (xc !== x) temps.push(xc);
+    let out: Tensor;
+    if (inPlace && base.dtype === 'f32' && base.isContiguous()) out = base;
+    else {
+      const bc = f32NoGrad(base);
+      if (bc !== base) temps.push(bc);
+      out = empty(base.shape);
+      be.copy(bc, out);
+    }
+    const lg: LoraRowsGroup[] = new Array(groups.length);
+    for (let k = 0; k < groups.length; k++) {
+      const g = groups[k]!;
+      const lb0 = g.loraBias ?? null;
+      if (ready[k]) {
+        lg[k] = { a: g.a, b: g.b, scale: g.scale, loraBias: lb0 };
+        continue;
+      }
+      const n = temps.length;
+      const a = asF32(g.a, temps);
+      const b = asF32(g.b, temps);
+      const lb = lb0 ? asF32(lb0, temps) : null;
+      if (temps.length === n) readyWeights.set(g.a, { b: g.b, lb: lb0, inF, outF });
+      lg[k] = { a, b, scale: g.scale, loraBias: lb };
+    }
+    be.loraRows(xc, out, rg, lg, rows, inF, outF);
+    return out;
+  } finally {
+    for (const t of temps) t.dispose();
+  }
 }
 
 /**
