@@ -243,10 +243,11 @@ thread_local Scratch tls_rg_a, tls_rg_b;
 
 constexpr int64_t kGemvRows = 4;
 constexpr int64_t kGemvStrip = 2048;  // columns per strip: M x 8 KiB of chains stays in L1/L2
-constexpr int64_t kGemvAhead = 8;     // rows of B prefetched ahead
 
 // VW elements of B's row from p + i, converted to f32 (n < VW: the first n, the rest 0).
-inline vf gv_load(const void* p, int dt, int64_t i, int64_t n) {
+template <int DT>
+inline vf gv_load(const void* p, int64_t i, int64_t n) {
+  constexpr int dt = DT;
   if (dt == kOpF32) return vload_part((const float*)p + i, n);
   alignas(64) float tmp[VW];
   if (n >= VW) {
@@ -267,55 +268,88 @@ inline vf gv_load(const void* p, int dt, int64_t i, int64_t n) {
   return vload_n(tmp, n);
 }
 
-template <int R>
-void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, float* t) {
+// Whether bf16 rows are widened 16 columns at a time by interleaving with zeros (AVX2: one load and two
+// unpacks instead of two widening loads and two shifts), which leaves the chains of each block of 16 columns
+// in the order (0-3, 8-11), (4-7, 12-15) until C is written.
+template <int DT>
+constexpr bool gv_interleaved() {
+#if defined(__AVX2__) && LR_VW == 8
+  return DT == kOpBF16;
+#else
+  return false;
+#endif
+}
+
+// Q rows of B (k .. k + Q - 1, at row, row + B.rs, ...) into the chains t of R rows of C: c = fma(a_k, b_k, c)
+// in k order. Columns below np16 are in the interleaved order (gv_interleaved).
+template <int R, int DT, int Q>
+inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_t n, int64_t np16, float* t,
+                    int64_t ts) {
   const Operand& B = g.B;
+  vf av[R][Q];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) av[r][q] = vset(Ap[r * g.K + k + q]);
+  int64_t jv = 0;
+#if defined(__AVX2__) && LR_VW == 8
+  if constexpr (gv_interleaved<DT>()) {
+    const __m256i z = _mm256_setzero_si256();
+    for (; jv < np16; jv += 16) {
+      vf lo[Q], hi[Q];
+      for (int q = 0; q < Q; ++q) {
+        const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)B.p + row + q * B.rs + jv));
+        lo[q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
+        hi[q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
+      }
+      for (int r = 0; r < R; ++r) {
+        float* tp = t + r * ts + jv;
+        vf c0 = vload(tp), c1 = vload(tp + VW);
+        for (int q = 0; q < Q; ++q) {
+          c0 = vfma(av[r][q], lo[q], c0);
+          c1 = vfma(av[r][q], hi[q], c1);
+        }
+        vstore(tp, c0);
+        vstore(tp + VW, c1);
+      }
+    }
+  }
+#endif
+  for (; jv < n; jv += VW) {
+    const int64_t m = n - jv < VW ? n - jv : VW;
+    vf b[Q];
+    for (int q = 0; q < Q; ++q) b[q] = gv_load<DT>(B.p, row + q * B.rs + jv, m);
+    for (int r = 0; r < R; ++r) {
+      float* tp = t + r * ts + jv;
+      vf c = vload(tp);
+      for (int q = 0; q < Q; ++q) c = vfma(av[r][q], b[q], c);
+      vstore(tp, c);
+    }
+  }
+}
+
+template <int R, int DT>
+void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, float* t) {
   const int64_t nv = (n + VW - 1) / VW, ts = nv * VW;  // t[r * ts + j]: the chains of row r
-  const int es = B.dtype == kOpF32 ? 4 : 2;
-  const char* bp = (const char*)B.p;
+  const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
   for (int64_t k0 = 0; k0 < g.K; k0 += KC) {
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
     for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
     int64_t k = k0;
     // four rows of B per pass over the chains (each chain still takes its k in order)
-    for (; k + 4 <= k0 + kc; k += 4) {
-      vf av[R][4];
-      for (int r = 0; r < R; ++r)
-        for (int q = 0; q < 4; ++q) av[r][q] = vset(Ap[r * g.K + k + q]);
-      const int64_t row = k * B.rs + j0;
-      if (k + 4 + kGemvAhead < g.K)
-        for (int q = 0; q < 4; ++q)
-          for (int64_t j = 0; j < n; j += 64 / es) __builtin_prefetch(bp + (row + (kGemvAhead + q) * B.rs + j) * es);
-      for (int64_t jv = 0; jv < n; jv += VW) {
-        const int64_t m = n - jv < VW ? n - jv : VW;
-        const vf b0 = gv_load(B.p, B.dtype, row + jv, m), b1 = gv_load(B.p, B.dtype, row + B.rs + jv, m);
-        const vf b2 = gv_load(B.p, B.dtype, row + 2 * B.rs + jv, m), b3 = gv_load(B.p, B.dtype, row + 3 * B.rs + jv, m);
-        for (int r = 0; r < R; ++r) {
-          float* tp = t + r * ts + jv;
-          vf c = vload(tp);
-          c = vfma(av[r][0], b0, c);
-          c = vfma(av[r][1], b1, c);
-          c = vfma(av[r][2], b2, c);
-          c = vfma(av[r][3], b3, c);
-          vstore(tp, c);
-        }
-      }
-    }
-    for (; k < k0 + kc; ++k) {
-      vf av[R];
-      for (int r = 0; r < R; ++r) av[r] = vset(Ap[r * g.K + k]);
-      const int64_t row = k * B.rs + j0;
-      for (int64_t jv = 0; jv < n; jv += VW) {
-        const vf b = gv_load(B.p, B.dtype, row + jv, n - jv < VW ? n - jv : VW);
-        for (int r = 0; r < R; ++r) vstore(t + r * ts + jv, vfma(av[r], b, vload(t + r * ts + jv)));
-      }
-    }
+    for (; k + 4 <= k0 + kc; k += 4) gv_rows<R, DT, 4>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
+    for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
     const bool write = k0 == 0 && !g.add;
     for (int r = 0; r < R; ++r) {
       float* c = g.C + r * g.ldc + j0;
       for (int64_t jv = 0; jv < n; jv += VW) {
         const int64_t cols = n - jv < VW ? n - jv : VW;
         vf val = vload(t + r * ts + jv);
+#if defined(__AVX2__) && LR_VW == 8
+        if (jv < np16) {  // back from the interleaved order: (0-3, 8-11), (4-7, 12-15) -> 0-7, 8-15
+          const __m256 lo = (__m256)vload(t + r * ts + (jv & ~(int64_t)15));
+          const __m256 hi = (__m256)vload(t + r * ts + (jv & ~(int64_t)15) + VW);
+          val = (vf)((jv & 15) ? _mm256_permute2f128_ps(lo, hi, 0x31) : _mm256_permute2f128_ps(lo, hi, 0x20));
+        }
+#endif
         if (write) {
           if (g.alpha != 1.0f) val = val * vset(g.alpha);
         } else {
@@ -326,6 +360,16 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, f
     }
   }
 }
+
+using GvStripFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, float*);
+template <int DT, int... I>
+constexpr std::array<GvStripFn, sizeof...(I)> gv_strips(std::integer_sequence<int, I...>) {
+  return {&gv_strip<I + 1, DT>...};
+}
+constexpr std::array<std::array<GvStripFn, kGemvRows>, 3> kGvStrips = {
+    gv_strips<kOpF32>(std::make_integer_sequence<int, kGemvRows>{}),
+    gv_strips<kOpBF16>(std::make_integer_sequence<int, kGemvRows>{}),
+    gv_strips<kOpF16>(std::make_integer_sequence<int, kGemvRows>{})};
 
 // C (M <= kGemvRows rows) from B with B.cs == 1; threads take ranges of columns.
 void rg_gemv(const RG& g, int threads) {
@@ -346,12 +390,7 @@ void rg_gemv(const RG& g, int threads) {
     const int64_t j1 = v1 * VW < g.N ? v1 * VW : g.N;
     for (int64_t j0 = v0 * VW; j0 < j1; j0 += kGemvStrip) {
       const int64_t n = j1 - j0 < kGemvStrip ? j1 - j0 : kGemvStrip;
-      switch (g.M) {
-        case 1: gv_strip<1>(g, Ap, j0, n, KC, t); break;
-        case 2: gv_strip<2>(g, Ap, j0, n, KC, t); break;
-        case 3: gv_strip<3>(g, Ap, j0, n, KC, t); break;
-        default: gv_strip<4>(g, Ap, j0, n, KC, t); break;
-      }
+      kGvStrips[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1](g, Ap, j0, n, KC, t);
     }
   });
 }
