@@ -44,6 +44,21 @@ export function allocTyped(dtype: DType, n: number): AnyTypedArray {
   }
 }
 
+/** A typed array of dtype over a whole buffer. */
+export function typedOver(dtype: DType, buf: ArrayBuffer): AnyTypedArray {
+  switch (dtype) {
+    case 'f32':
+      return new Float32Array(buf);
+    case 'bf16':
+    case 'f16':
+      return new Uint16Array(buf);
+    case 'i32':
+      return new Int32Array(buf);
+    case 'u8':
+      return new Uint8Array(buf);
+  }
+}
+
 const f32buf = new Float32Array(1);
 const u32buf = new Uint32Array(f32buf.buffer);
 

@@ -1,8 +1,8 @@
 // TypeScript reference kernels for the core ops: plain loops, the oracle for the native backend.
 
-import { type AnyTypedArray, allocTyped, type DType, encodeScalar, readScalar } from '../../core/dtype.ts';
+import { type DType, encodeScalar, readScalar } from '../../core/dtype.ts';
 import { IndexError } from '../../core/errors.ts';
-import { CpuStorage } from '../../core/storage.ts';
+import { allocCpu, type CpuStorage } from '../../core/storage.ts';
 import { forEachIndex, type Tensor } from '../../core/tensor.ts';
 import type { BinaryOp, CoreKernels, GemmArgs, ReduceOp, UnaryOp } from '../backend.ts';
 
@@ -267,7 +267,7 @@ function scatterAddRows(g: Tensor, idx: Tensor, out: Tensor, cols: number): void
 
 function alloc(dtype: DType, n: number): CpuStorage {
   if (!Number.isSafeInteger(n) || n < 0) throw new IndexError(`alloc: invalid element count ${n}`);
-  return new CpuStorage(dtype, allocTyped(dtype, n) as AnyTypedArray);
+  return allocCpu(dtype, n);
 }
 
 export const jsCoreKernels: CoreKernels = {
