@@ -16,7 +16,7 @@ import { add, mul } from '../ops/elementwise.ts';
 import { crossEntropy } from '../ops/loss.ts';
 import { linear } from '../ops/matmul.ts';
 import { rope, ropeInvFreq } from '../ops/rope.ts';
-import { reshape } from '../ops/shape.ts';
+import { concat, reshape, slice } from '../ops/shape.ts';
 import type { ModelConfig } from './config.ts';
 import type { KVCache } from './kv-cache.ts';
 
@@ -63,6 +63,9 @@ export class LlamaAttention extends Module {
     }
   }
 
+  /** q, k and v in one weight (the decoding layout), while they are plain Linears. */
+  fusedQKV: FusedLinears | null = null;
+
   proj(name: string): LinearLike {
     return this.getChild(name) as LinearLike;
   }
@@ -76,9 +79,20 @@ export class LlamaAttention extends Module {
       if (r !== t) t.free();
       return r;
     };
-    let q = then(this.proj('q_proj').forward(x), (t) => reshape(t, [B, T, nh, hd]));
-    let k = then(this.proj('k_proj').forward(x), (t) => reshape(t, [B, T, nkv, hd]));
-    let v = then(this.proj('v_proj').forward(x), (t) => reshape(t, [B, T, nkv, hd]));
+    let q: Tensor;
+    let k: Tensor;
+    let v: Tensor;
+    const qkv = fusedOutputs(this, this.fusedQKV, x);
+    if (qkv) {
+      [q, k, v] = [qkv[0]!, qkv[1]!, qkv[2]!];
+      q = then(q, (t) => reshape(t, [B, T, nh, hd]));
+      k = then(k, (t) => reshape(t, [B, T, nkv, hd]));
+      v = then(v, (t) => reshape(t, [B, T, nkv, hd]));
+    } else {
+      q = then(this.proj('q_proj').forward(x), (t) => reshape(t, [B, T, nh, hd]));
+      k = then(this.proj('k_proj').forward(x), (t) => reshape(t, [B, T, nkv, hd]));
+      v = then(this.proj('v_proj').forward(x), (t) => reshape(t, [B, T, nkv, hd]));
+    }
     if (this.cfg.qk_norm) {
       q = then(q, (t) => (this.getChild('q_norm') as RMSNorm).forward(t));
       k = then(k, (t) => (this.getChild('k_norm') as RMSNorm).forward(t));
@@ -111,12 +125,16 @@ export class LlamaMLP extends Module {
     this.child('up_proj', new Linear(cfg.hidden_size, cfg.intermediate_size, lo));
     this.child('down_proj', new Linear(cfg.intermediate_size, cfg.hidden_size, lo));
   }
+  /** gate and up in one weight (the decoding layout), while they are plain Linears. */
+  fusedGateUp: FusedLinears | null = null;
+
   proj(name: string): LinearLike {
     return this.getChild(name) as LinearLike;
   }
   forward(x: Tensor): Tensor {
-    const g = this.proj('gate_proj').forward(x);
-    const u = this.proj('up_proj').forward(x);
+    const gu = fusedOutputs(this, this.fusedGateUp, x);
+    const g = gu ? gu[0]! : this.proj('gate_proj').forward(x);
+    const u = gu ? gu[1]! : this.proj('up_proj').forward(x);
     const h =
       this.cfg.hidden_act === 'silu' ? swiglu(g, u) : mul(gelu(g, this.cfg.hidden_act === 'gelu_pytorch_tanh'), u);
     g.free();
@@ -205,6 +223,12 @@ export class LlamaForCausalLM extends Module {
    * time, plus the head's copy when tied. Use a model without it to train, merge or save.
    */
   useDecodeLayout(): void {
+    for (const layer of this.inner.layers.items) {
+      const attn = layer.getChild('self_attn') as LlamaAttention;
+      const mlp = layer.getChild('mlp') as LlamaMLP;
+      attn.fusedQKV ??= fuseLinears(attn, ['q_proj', 'k_proj', 'v_proj']);
+      mlp.fusedGateUp ??= fuseLinears(mlp, ['gate_proj', 'up_proj']);
+    }
     for (const [, m] of this.namedModules()) {
       if (!(m instanceof Linear)) continue;
       const w = m.weight;
@@ -254,6 +278,15 @@ export class LlamaForCausalLM extends Module {
   }
 
   override dispose(): void {
+    for (const layer of this.inner.layers.items) {
+      for (const f of [
+        (layer.getChild('self_attn') as LlamaAttention).fusedQKV,
+        (layer.getChild('mlp') as LlamaMLP).fusedGateUp,
+      ]) {
+        f?.w.dispose();
+        f?.bias?.dispose();
+      }
+    }
     super.dispose();
     this.invFreq.dispose();
     this.headT?.dispose();
@@ -271,4 +304,76 @@ function storedTransposed(w: Tensor): Tensor {
   const v = t.view([r, c], [1, r], t.offset);
   t.dispose();
   return v;
+}
+
+/**
+ * Linears of one module that read the same input, stored as one decoding-layout weight [in, sum of outs]:
+ * each keeps a transposed view of its own columns as its weight, and one product gives all their outputs
+ * (bit-identical: every output element's FMA chain is its own).
+ */
+interface FusedLinears {
+  names: string[];
+  parts: Linear[];
+  /** The views set as the parts' weights: while they are in place, the fused product stands for the parts. */
+  weights: Tensor[];
+  w: Tensor;
+  bias: Tensor | null;
+  sizes: number[];
+}
+
+function fuseLinears(owner: Module, names: string[]): FusedLinears | null {
+  const parts = names.map((n) => owner.getChild(n));
+  if (!parts.every((p): p is Linear => p instanceof Linear)) return null;
+  const w0 = parts[0]!.weight;
+  const fusable = (p: Linear) =>
+    p.weight.ndim === 2 &&
+    p.weight.isContiguous() &&
+    !p.weight.requiresGrad &&
+    p.weight.dtype === w0.dtype &&
+    p.weight.shape[1] === w0.shape[1] &&
+    !!p.bias === !!parts[0]!.bias &&
+    !p.bias?.requiresGrad;
+  if (!parts.every(fusable) || (w0.dtype !== 'f32' && w0.dtype !== 'bf16' && w0.dtype !== 'f16')) return null;
+  const K = w0.shape[1]!;
+  const sizes = parts.map((p) => p.weight.shape[0]!);
+  const N = sizes.reduce((a, b) => a + b, 0);
+  const t = empty([K, N], w0.dtype);
+  let off = 0;
+  const weights = parts.map((p, i) => {
+    const w = p.weight;
+    const wt = w.view([K, sizes[i]!], [1, K], w.offset);
+    const dst = t.view([K, sizes[i]!], [N, 1], t.offset + off);
+    getBackend().copy(wt, dst);
+    wt.dispose();
+    dst.dispose();
+    const v = t.view([sizes[i]!, K], [1, N], t.offset + off);
+    off += sizes[i]!;
+    p.setParam('weight', v);
+    return p.weight;
+  });
+  const bias = parts[0]!.bias
+    ? keep(
+        concat(
+          parts.map((p) => p.bias!),
+          0,
+        ),
+      )
+    : null;
+  const w = keep(t.view([N, K], [1, N], t.offset));
+  t.dispose();
+  return { names, parts: parts as Linear[], weights, w, bias, sizes };
+}
+
+/** The parts' outputs from one product, or null when the parts were replaced (e.g. wrapped by an adapter). */
+function fusedOutputs(owner: Module, f: FusedLinears | null, x: Tensor): Tensor[] | null {
+  if (!f?.names.every((n, i) => owner.getChild(n) === f.parts[i] && f.parts[i]!.weight === f.weights[i])) return null;
+  const y = linear(x, f.w, f.bias);
+  const outs: Tensor[] = [];
+  let off = 0;
+  for (const n of f.sizes) {
+    outs.push(slice(y, -1, off, off + n));
+    off += n;
+  }
+  y.free();
+  return outs;
 }
