@@ -233,7 +233,7 @@ void rg_tile_any(int64_t rows, int64_t kc, const float* Ap, int64_t ars, int64_t
   (ncols <= VW ? kRgTiles1 : kRgTiles2)[rows - 1](kc, Ap, ars, aks, Bp, C, ldc, ncols, write, alpha);
 }
 
-thread_local Scratch tls_rg_a, tls_rg_b;
+thread_local Scratch tls_rg_a, tls_rg_b, tls_rg_p;
 
 // ---- few rows against B stored along j (decoding with a weight kept as [K, N]: see useDecodeLayout) -----
 //
@@ -326,20 +326,25 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
   }
 }
 
+// Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1: each block's chains written or added to C, or,
+// with P, written to P + kb * R * N (the block's own chains, to be added to C in block order by the caller).
 template <int R, int DT>
-void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, float* t) {
+void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, int64_t kb0, int64_t kb1, float* t,
+              float* P) {
   const int64_t nv = (n + VW - 1) / VW, ts = nv * VW;  // t[r * ts + j]: the chains of row r
   const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
-  for (int64_t k0 = 0; k0 < g.K; k0 += KC) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t k0 = kb * KC;
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
     for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
     int64_t k = k0;
     // four rows of B per pass over the chains (each chain still takes its k in order)
     for (; k + 4 <= k0 + kc; k += 4) gv_rows<R, DT, 4>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
     for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
-    const bool write = k0 == 0 && !g.add;
+    const bool write = P || (k0 == 0 && !g.add);
+    const float alpha = P ? 1.0f : g.alpha;
     for (int r = 0; r < R; ++r) {
-      float* c = g.C + r * g.ldc + j0;
+      float* c = P ? P + (kb * R + r) * g.N + j0 : g.C + r * g.ldc + j0;
       for (int64_t jv = 0; jv < n; jv += VW) {
         const int64_t cols = n - jv < VW ? n - jv : VW;
         vf val = vload(t + r * ts + jv);
@@ -351,7 +356,7 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, f
         }
 #endif
         if (write) {
-          if (g.alpha != 1.0f) val = val * vset(g.alpha);
+          if (alpha != 1.0f) val = val * vset(alpha);
         } else {
           val = vload_part(c + jv, cols) + val;
         }
@@ -361,7 +366,7 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, f
   }
 }
 
-using GvStripFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, float*);
+using GvStripFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
 template <int DT, int... I>
 constexpr std::array<GvStripFn, sizeof...(I)> gv_strips(std::integer_sequence<int, I...>) {
   return {&gv_strip<I + 1, DT>...};
@@ -382,15 +387,36 @@ void rg_gemv(const RG& g, int threads) {
       for (int64_t k = 0; k < g.K; ++k) Ap[r * g.K + k] = ld1dt(g.A.p, g.A.dtype, r * g.A.rs + k * g.A.cs);
     }
   }
-  const int64_t nV = (g.N + VW - 1) / VW;
+  const int64_t nV = (g.N + VW - 1) / VW, nKB = (g.K + KC - 1) / KC;
   const double bytes = (double)g.N * (double)g.K * (g.B.dtype == kOpF32 ? 4 : 2);
   const int T = bytes < 128.0 * 1024 ? 1 : threads;
+  const GvStripFn strip = kGvStrips[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1];
+  if (T > 1 && g.N <= kGemvStrip && nKB >= T && (nKB % T == 0 || nKB >= 4 * T)) {
+    // Few columns, many K blocks (a down projection): threads take K blocks, each streaming whole rows of B,
+    // and the blocks' chains are added to C in block order, as one thread would.
+    float* P = tls_rg_p.get<float>((size_t)(nKB * g.M * g.N + VW));
+    par_ranges(nKB, T, 1, [&](int64_t kb0, int64_t kb1) {
+      float* t = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
+      strip(g, Ap, 0, g.N, KC, kb0, kb1, t, P);
+    });
+    for (int64_t r = 0; r < g.M; ++r) {
+      float* c = g.C + r * g.ldc;
+      for (int64_t j = 0; j < g.N; j += VW) {
+        const int64_t cols = g.N - j < VW ? g.N - j : VW;
+        vf val = vload_part(P + r * g.N + j, cols);
+        if (g.add) val = vload_part(c + j, cols) + val;
+        for (int64_t kb = 1; kb < nKB; ++kb) val = val + vload_part(P + (kb * g.M + r) * g.N + j, cols);
+        vstore_part(c + j, val, cols);
+      }
+    }
+    return;
+  }
   par_ranges(nV, T, 1, [&](int64_t v0, int64_t v1) {
     float* t = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
     const int64_t j1 = v1 * VW < g.N ? v1 * VW : g.N;
     for (int64_t j0 = v0 * VW; j0 < j1; j0 += kGemvStrip) {
       const int64_t n = j1 - j0 < kGemvStrip ? j1 - j0 : kGemvStrip;
-      kGvStrips[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1](g, Ap, j0, n, KC, t);
+      strip(g, Ap, j0, n, KC, 0, nKB, t, nullptr);
     }
   });
 }

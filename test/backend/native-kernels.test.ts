@@ -124,6 +124,7 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
       { n: 70, k: 2 * kc + 5 },
       { n: 3, k: kc + 1 },
       { n: 2100, k: 37 }, // wider than a strip of the few-row path (ops_gemm.h kGemvStrip)
+      { n: 100, k: 4 * kc - 3 }, // four K blocks: the few-row path splits them across threads
     ];
     for (const { n, k } of shapes)
       for (const [transA, transB] of [
