@@ -94,23 +94,8 @@ void load_block_t(const void* p, int dt, int64_t base, int64_t rstride, int64_t 
     for (int64_t k = 0; k < kn; ++k) tmp[k] = ld1dt(p, dt, at + k);
     r[i] = _mm256_load_ps(tmp);
   }
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
   __m256 o[8];
-  o[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  o[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  o[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  o[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  o[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  o[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  o[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  o[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+  transpose8x8(r, o);
   for (int64_t i = 0; i < kn; ++i) {
     if (lanes >= 8) {
       _mm256_storeu_ps(dst + i * dstride, o[i]);

@@ -34,23 +34,8 @@ __attribute__((always_inline)) inline void lora_t8(const float* src, int64_t lds
   if (nr == 8 && nc == 8) {
     __m256 r[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
     __m256 o[8];
-    o[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-    o[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-    o[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-    o[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-    o[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-    o[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-    o[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-    o[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+    transpose8x8(r, o);
     const __m256 av = _mm256_set1_ps(alpha);
     for (int c = 0; c < 8; ++c) _mm256_storeu_ps(dst + c * ldd, SCALE ? _mm256_mul_ps(o[c], av) : o[c]);
     return;

@@ -277,6 +277,28 @@ inline void load_row(const void* p, int dt, int64_t i, int64_t n, float* dst) {
   for (; k < n; ++k) dst[k] = f16_f32(h[k]);
 }
 
+#if defined(__AVX2__)
+// o[c] lane i = r[i] lane c: an 8 x 8 transpose in registers.
+inline void transpose8x8(const __m256 r[8], __m256 o[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  o[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  o[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  o[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  o[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  o[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  o[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  o[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  o[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
 // ---- threads ----------------------------------------------------------------------------------------------
 
 #include "par.h"
