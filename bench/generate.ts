@@ -1,7 +1,8 @@
 // npm run bench:generate — prefill and decode tokens/s for the 135m preset (SmolLM2-135M shape) with f32 and
 // bf16 weights, beside the memory-bandwidth bound measured in the same run (decode reads every weight once
 // per token, so bandwidth / weight bytes bounds tokens/s). PyTorch on this CPU: 158 tokens/s prefill and
-// 7.5 tokens/s decode (f32, ../shared/anchors.md).
+// 7.5 tokens/s decode (f32, ../shared/anchors.md). Each dtype runs with the decoding layout (useDecodeLayout, as
+// lowrank generate and serve use) and with the default one.
 
 import { loadNativeAddon } from '../src/backend/cpu/native-addon.ts';
 import { getBackend } from '../src/backend/index.ts';
@@ -18,51 +19,54 @@ console.log(`${machineLine(addon)}; backend ${getBackend().name}; preset ${prese
 const threads = addon?.getThreads() ?? 1;
 const limits = addon ? measureLimits(addon, threads, 256 << 20) : null;
 const rows: string[][] = [];
-for (const dtype of ['f32', 'bf16'] as const) {
-  const cfg = presetConfig(preset);
-  const model = initModel(cfg, 0, dtype);
-  model.eval();
-  model.useDecodeLayout();
-  let weightBytes = 0;
-  for (const [, p] of model.namedParameters()) weightBytes += p.size * (p.dtype === 'f32' ? 4 : 2);
-  const rng = new Rng(1);
-  const prompt = Array.from({ length: prefillLen }, () => 3 + rng.int(cfg.vocab_size - 3));
-  // warm up, then time prefill and decode
-  const warm = new DecodeSession(model, 1, 8);
-  warm.step([prompt.slice(0, 4)]);
-  warm.dispose();
-  const s = new DecodeSession(model, 1, prefillLen + decodeTokens + 1);
-  let t0 = performance.now();
-  let logits = s.step([prompt]);
-  const prefillS = (performance.now() - t0) / 1000;
-  t0 = performance.now();
-  for (let i = 0; i < decodeTokens; i++) {
-    let best = 0;
-    const l = logits[0]!;
-    for (let j = 1; j < l.length; j++) if (l[j]! > l[best]!) best = j;
-    logits = s.step([[best]]);
+// the default weight layout too (LAYOUTS=decode to skip it): the same-run reference for the decoding layout
+const layouts = (process.env.LAYOUTS ?? 'decode,default').split(',');
+for (const dtype of ['f32', 'bf16'] as const)
+  for (const layout of layouts) {
+    const cfg = presetConfig(preset);
+    const model = initModel(cfg, 0, dtype);
+    model.eval();
+    if (layout === 'decode') model.useDecodeLayout();
+    let weightBytes = 0;
+    for (const [, p] of model.namedParameters()) weightBytes += p.size * (p.dtype === 'f32' ? 4 : 2);
+    const rng = new Rng(1);
+    const prompt = Array.from({ length: prefillLen }, () => 3 + rng.int(cfg.vocab_size - 3));
+    // warm up, then time prefill and decode
+    const warm = new DecodeSession(model, 1, 8);
+    warm.step([prompt.slice(0, 4)]);
+    warm.dispose();
+    const s = new DecodeSession(model, 1, prefillLen + decodeTokens + 1);
+    let t0 = performance.now();
+    let logits = s.step([prompt]);
+    const prefillS = (performance.now() - t0) / 1000;
+    t0 = performance.now();
+    for (let i = 0; i < decodeTokens; i++) {
+      let best = 0;
+      const l = logits[0]!;
+      for (let j = 1; j < l.length; j++) if (l[j]! > l[best]!) best = j;
+      logits = s.step([[best]]);
+    }
+    const decodeS = (performance.now() - t0) / 1000;
+    s.dispose();
+    model.dispose();
+    const prefillTps = prefillLen / prefillS;
+    const decodeTps = decodeTokens / decodeS;
+    const bound = limits ? (limits.readT * 1e9) / weightBytes : undefined;
+    rows.push([
+      `${dtype}, ${layout} layout`,
+      `${(weightBytes / 1e6).toFixed(0)} MB`,
+      fmt(prefillTps),
+      ratio(prefillTps, 158),
+      fmt(decodeTps, 2),
+      ratio(decodeTps, 7.5),
+      fmt(bound, 1),
+      ratio(decodeTps, bound),
+    ]);
   }
-  const decodeS = (performance.now() - t0) / 1000;
-  s.dispose();
-  model.dispose();
-  const prefillTps = prefillLen / prefillS;
-  const decodeTps = decodeTokens / decodeS;
-  const bound = limits ? (limits.readT * 1e9) / weightBytes : undefined;
-  rows.push([
-    dtype,
-    `${(weightBytes / 1e6).toFixed(0)} MB`,
-    fmt(prefillTps),
-    ratio(prefillTps, 158),
-    fmt(decodeTps, 2),
-    ratio(decodeTps, 7.5),
-    fmt(bound, 1),
-    ratio(decodeTps, bound),
-  ]);
-}
 printTable(
   `generate: ${preset}, prefill 1x${prefillLen}, greedy decode ${decodeTokens} tokens with the KV cache${limits ? `; read bandwidth ${fmt(limits.readT)} GB/s (${threads} threads)` : ''}`,
   [
-    'weights',
+    'weights, layout',
     'bytes',
     'prefill tok/s',
     'vs PyTorch 158',
