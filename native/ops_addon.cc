@@ -631,14 +631,43 @@ Napi::Value LoraRows(const Napi::CallbackInfo& info) {
     LoraRowsGroup& G = groups[g];
     if (!(e[4] >= 0 && e[4] <= 1e9) || e[4] != (double)(int64_t)e[4]) range_error(a.env(), "loraRows: bad rank");
     G.r = (int64_t)e[4];
-    G.a = span(e[0], e[1], mul_ck(a.env(), G.r, inF), "lora_A");
-    G.b = span(e[2], e[3], mul_ck(a.env(), outF, G.r), "lora_B");
+    G.packed = e[2] < 0;  // lora_A's buffer holds loraPack's output
+    if (G.packed) {
+      G.a = span(e[0], e[1], ops()->lora_packed_floats(G.r, inF, outF), "packed lora weights");
+      G.b = nullptr;
+    } else {
+      G.a = span(e[0], e[1], mul_ck(a.env(), G.r, inF), "lora_A");
+      G.b = span(e[2], e[3], mul_ck(a.env(), outF, G.r), "lora_B");
+    }
     G.lb = e[6] < 0 ? nullptr : span(e[6], e[7], outF, "lora_B bias");
     G.scale = e[5];
   }
   for (int64_t i = 0; i < rows; ++i)
     if (rg[i] < -1 || rg[i] >= ng) range_error(a.env(), "loraRows: row group out of range");
   ops()->lora_rows(x, out, rg, rows, inF, outF, groups.data(), ng, threads());
+  return a.env().Undefined();
+}
+
+// loraPackedFloats(r, inF, outF): the size of one adapter's packed weights for loraRows, in this ISA's layout.
+Napi::Value LoraPackedFloats(const Napi::CallbackInfo& info) {
+  Args a{info, "loraPackedFloats"};
+  a.count(3);
+  const int64_t r = a.integer(0), inF = a.integer(1), outF = a.integer(2);
+  mul_ck(a.env(), r, inF);
+  mul_ck(a.env(), r, outF);
+  return Napi::Number::New(a.env(), (double)ops()->lora_packed_floats(r, inF, outF));
+}
+
+// loraPack(a, aOff, b, bOff, r, inF, outF, out, outOff): lora_A [r, inF] and lora_B [outF, r] packed into out
+// (loraPackedFloats floats), for loraRows groups whose lora_B buffer index is -1.
+Napi::Value LoraPack(const Napi::CallbackInfo& info) {
+  Args a{info, "loraPack"};
+  a.count(9);
+  const int64_t r = a.integer(4), inF = a.integer(5), outF = a.integer(6);
+  const float* A = a.f32(0, a.integer(1), mul_ck(a.env(), r, inF));
+  const float* B = a.f32(2, a.integer(3), mul_ck(a.env(), outF, r));
+  float* out = a.f32(7, a.integer(8), ops()->lora_packed_floats(r, inF, outF));
+  ops()->lora_pack(A, B, r, inF, outF, out);
   return a.env().Undefined();
 }
 
@@ -747,6 +776,8 @@ void init_ops(Napi::Env env, Napi::Object exports, int (*get_isa)(), int (*get_t
       {"dropout", Dropout},
       {"loraWeightNorm", LoraWeightNorm},
       {"loraRows", LoraRows},
+      {"loraPackedFloats", LoraPackedFloats},
+      {"loraPack", LoraPack},
       {"gemm4bit", Gemm4bit},
       {"gemm4bitBackwardInput", Gemm4bitBackwardInput},
       {"dequantize4bitRows", Dequantize4bitRows},

@@ -99,6 +99,8 @@ struct LoraRowsGroup {
   const float* lb;
   int64_t r;
   double scale;
+  // a holds the group's weights already packed by lora_pack (A^T, then B^T unscaled); b is unused
+  bool packed = false;
 };
 
 struct AdamWScalars {
@@ -154,6 +156,9 @@ struct OpsImpl {
                            int64_t outF, int64_t inF, int64_t r, int transposed, int threads);
   void (*lora_rows)(const float* x, float* out, const int32_t* row_group, int64_t rows, int64_t inF, int64_t outF,
                     const LoraRowsGroup* groups, int64_t ngroups, int threads);
+  // lora_rows' packed form of one adapter's weights (LoraRowsGroup::packed): its size in floats, and packing
+  int64_t (*lora_packed_floats)(int64_t r, int64_t inF, int64_t outF);
+  void (*lora_pack)(const float* a, const float* b, int64_t r, int64_t inF, int64_t outF, float* dst);
   // 4-bit
   void (*gemm4bit)(const float* x, const W4Args& w, const void* bias, int bdt, float* y, int64_t m, int threads);
   void (*gemm4bit_bwd)(const float* g, const W4Args& w, float* dx, int64_t m, int threads);

@@ -38,6 +38,8 @@ const OpsImpl kOps = {
     dropout_k,
     lora_weight_norm_k,
     lora_rows_k,
+    lora_packed_floats_k,
+    lora_pack_k,
     gemm4bit_k,
     gemm4bit_bwd_k,
     dequant4bit_k,

@@ -112,8 +112,11 @@ void lora_shrink_tile(const float* const* x, const float* const* at, int64_t inF
     for (int v = 0; v < NV; ++v) vstore(u[q] + v * VW, tot[q][v]);
 }
 
-// out[0, outF) += u B'^T for one row, every KC block of the rank added: bt = B'^T packed [r, ldb].
-void lora_expand_row(const float* u, const float* bt, int64_t r, int64_t outF, int64_t ldb, int64_t KC, float* out) {
+template <bool SCALE>
+void lora_expand_rows_t(const float* u, const float* bt, int64_t r, int64_t outF, int64_t ldb, int64_t KC,
+                        float alpha, float* out) {
+  const vf av = vset(alpha);
+  (void)av;
   constexpr int NV = 4;
   for (int64_t o0 = 0; o0 < outF; o0 += NV * VW) {
     const int64_t cols = outF - o0 < NV * VW ? outF - o0 : NV * VW;
@@ -126,13 +129,13 @@ void lora_expand_row(const float* u, const float* bt, int64_t r, int64_t outF, i
         for (int64_t k = k0; k < k1; ++k) {
           const vf uv = vset(u[k]);
           const float* p = bt + k * ldb + o0;
-          for (int q = 0; q < NV; ++q) acc[q] = vfma(uv, vload(p + q * VW), acc[q]);
+          for (int q = 0; q < NV; ++q) acc[q] = vfma(uv, SCALE ? av * vload(p + q * VW) : vload(p + q * VW), acc[q]);
         }
       } else {
         for (int64_t k = k0; k < k1; ++k) {
           const vf uv = vset(u[k]);
           const float* p = bt + k * ldb + o0;
-          for (int q = 0; q < nv; ++q) acc[q] = vfma(uv, vload(p + q * VW), acc[q]);
+          for (int q = 0; q < nv; ++q) acc[q] = vfma(uv, SCALE ? av * vload(p + q * VW) : vload(p + q * VW), acc[q]);
         }
       }
       for (int q = 0; q < nv; ++q) {
@@ -144,17 +147,38 @@ void lora_expand_row(const float* u, const float* bt, int64_t r, int64_t outF, i
   }
 }
 
-// A^T [inF, rp] (zero lanes past r) and the folded B'^T [r, ldb] (zero past outF) of one group at dst.
-void lora_pack(const LoraRowsGroup& G, int64_t inF, int64_t outF, int64_t ldb, float* dst) {
-  const int64_t rp = lora_round_vw(G.r);
-  lora_transpose<false>(G.a, G.r, inF, inF, dst, rp, 1.0f);
-  const float alpha = (float)G.scale;
-  if (alpha != 1.0f) lora_transpose<true>(G.b, outF, G.r, G.r, dst + rp * inF, ldb, alpha);
-  else lora_transpose<false>(G.b, outF, G.r, G.r, dst + rp * inF, ldb, 1.0f);
+// out[0, outF) += u B'^T for one row, every KC block of the rank added: bt = B^T packed [r, ldb], B' = alpha B
+// (bt already holds B' when alpha is 1).
+void lora_expand_row(const float* u, const float* bt, int64_t r, int64_t outF, int64_t ldb, int64_t KC, float alpha,
+                     float* out) {
+  if (alpha != 1.0f) {
+    lora_expand_rows_t<true>(u, bt, r, outF, ldb, KC, alpha, out);
+  } else {
+    lora_expand_rows_t<false>(u, bt, r, outF, ldb, KC, 1.0f, out);
+  }
 }
 
+// A^T [inF, rp] (zero lanes past r) and B'^T [r, ldb] (zero past outF), B' = alpha B, of one group at dst.
+void lora_pack(const float* a, const float* b, int64_t r, float alpha, int64_t inF, int64_t outF, int64_t ldb,
+               float* dst) {
+  const int64_t rp = lora_round_vw(r);
+  lora_transpose<false>(a, r, inF, inF, dst, rp, 1.0f);
+  if (alpha != 1.0f) lora_transpose<true>(b, outF, r, r, dst + rp * inF, ldb, alpha);
+  else lora_transpose<false>(b, outF, r, r, dst + rp * inF, ldb, 1.0f);
+}
+
+// The packed form kept by callers for frozen adapters (LoraRowsGroup::packed): B unscaled, the scale applied to
+// B as it is read (the same f32 product as folding it).
+int64_t lora_packed_floats_k(int64_t r, int64_t inF, int64_t outF) {
+  return lora_round_vw(r) * inF + r * lora_round_vw(outF);
+}
+void lora_pack_k(const float* a, const float* b, int64_t r, int64_t inF, int64_t outF, float* dst) {
+  lora_pack(a, b, r, 1.0f, inF, outF, lora_round_vw(outF), dst);
+}
+
+// Scratch floats a group needs packed in a call (none when the caller keeps it packed).
 inline int64_t lora_packed_size(const LoraRowsGroup& G, int64_t inF, int64_t ldb) {
-  return lora_round_vw(G.r) * inF + G.r * ldb;
+  return G.packed ? 0 : lora_round_vw(G.r) * inF + G.r * ldb;
 }
 
 // A piece of work: rows list[begin, end) of group g.
@@ -225,16 +249,21 @@ void lora_rows_k(const float* x, float* out, const int32_t* row_group, int64_t r
     float* pack = tls_lora_pack.get<float>((size_t)(chunk_floats + VW));
     float* ubuf = tls_lora_u.get<float>((size_t)(RT * 2 * VW + rpmax + VW));
     // pack each group of the chunk once (a group's pieces are consecutive)
-    int64_t* at = tls_lora_at.get<int64_t>((size_t)(p1 - p0));
+    const float** at = tls_lora_at.get<const float*>((size_t)(p1 - p0));
     int64_t used = 0;
     for (int64_t p = p0; p < p1; ++p) {
       if (p > p0 && pieces[p].g == pieces[p - 1].g) {
         at[p - p0] = at[p - p0 - 1];
         continue;
       }
-      at[p - p0] = used;
-      lora_pack(groups[pieces[p].g], inF, outF, ldb, pack + used);
-      used += lora_packed_size(groups[pieces[p].g], inF, ldb);
+      const LoraRowsGroup& G = groups[pieces[p].g];
+      if (G.packed) {
+        at[p - p0] = G.a;
+        continue;
+      }
+      at[p - p0] = pack + used;
+      lora_pack(G.a, G.b, G.r, (float)G.scale, inF, outF, ldb, pack + used);
+      used += lora_packed_size(G, inF, ldb);
     }
     // rows of rank <= 2 VW wait in a tile of RT rows of one padded rank, whose shrinks run together
     int nt = 0;
@@ -243,7 +272,8 @@ void lora_rows_k(const float* x, float* out, const int32_t* row_group, int64_t r
     const float* tile_w[RT];
     const LoraRowsGroup* tile_g[RT];
     auto expand = [&](int64_t i, const LoraRowsGroup& G, const float* w, const float* u) {
-      lora_expand_row(u, w + lora_round_vw(G.r) * inF, G.r, outF, ldb, KC, out + i * outF);
+      lora_expand_row(u, w + lora_round_vw(G.r) * inF, G.r, outF, ldb, KC, G.packed ? (float)G.scale : 1.0f,
+                      out + i * outF);
     };
     auto flush = [&]() {
       const float* xs[RT];
@@ -270,7 +300,7 @@ void lora_rows_k(const float* x, float* out, const int32_t* row_group, int64_t r
     float* u = ubuf + RT * 2 * VW;  // a row alone
     for (int64_t p = p0; p < p1; ++p) {
       const LoraRowsGroup& G = groups[pieces[p].g];
-      const float* w = pack + at[p - p0];
+      const float* w = at[p - p0];
       const float alpha = (float)G.scale;
       const int64_t rp = lora_round_vw(G.r);
       for (int64_t li = pieces[p].begin; li < pieces[p].end; ++li) {

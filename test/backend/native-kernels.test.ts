@@ -689,6 +689,12 @@ test('loraRows (mixed-adapter rows in one call): bit-identical to the gemm path 
           };
           const got = run(nb);
           same(got, loraRowsByGemm(nb, x, out0, rg, groups, inF, outF), `${label}: native vs its gemms`);
+          // frozen adapters go to the kernel packed once (kept with the tensors); trainable ones are packed per
+          // call, with the scale folded into B instead of applied as B is read: the same bits
+          for (const g of groups) g.a.requiresGrad = g.b.requiresGrad = true;
+          same(run(nb), got, `${label}: weights packed per call vs kept packed`);
+          for (const g of groups) g.a.requiresGrad = g.b.requiresGrad = false;
+          same(run(nb), got, `${label}: kept packed, second call`);
           closeScaled(got, run(js), (inF + 40) * 2 ** -24 * 8, `${label}: native vs reference`);
           if (kc === 0)
             same(run(js), loraRowsByGemm(js, x, out0, rg, groups, inF, outF), `${label}: reference vs its gemms`);

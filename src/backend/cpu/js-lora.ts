@@ -58,6 +58,11 @@ export interface LoraWeightsChecked {
     lb: ArrayBufferLike | null;
     lbOff: number;
   };
+  /**
+   * The native kernel's packed copy of a frozen adapter's A and B (made once, in the layout of the ISA named;
+   * a frozen adapter's weights are never changed in place, so it stays valid while the tensors live).
+   */
+  packed?: { isa: string; data: Float32Array };
 }
 
 /** Weights already checked, by lora_A (each group's weights are checked once, not at every call). */

@@ -87,6 +87,18 @@ export interface NativeOps {
   gemm4bitBackwardInput(...args: (number | boolean | OptArr | Float64Array)[]): void;
   dequantize4bitRows(...args: (number | boolean | OptArr | Float64Array)[]): void;
   opsIsa(): string;
+  loraPackedFloats(r: number, inF: number, outF: number): number;
+  loraPack(
+    a: F32,
+    aOff: number,
+    b: F32,
+    bOff: number,
+    r: number,
+    inF: number,
+    outF: number,
+    out: F32,
+    outOff: number,
+  ): void;
 }
 
 export type NativeWithOps = NativeAddon & NativeOps;
@@ -280,9 +292,12 @@ function bufferOf(t: Tensor): [ArrayBufferLike, number] {
 
 /**
  * Checks the operands as the reference does and fills loraBuffers and the descriptor. A group's buffers are
- * found once (kept with its checked weights); later calls only check that the tensors were not disposed.
+ * found once (kept with its checked weights); later calls only check that the tensors were not disposed. A
+ * frozen adapter (neither A nor B requires a gradient: served and generating adapters) is packed for the kernel
+ * once and passed packed (lora_B's buffer index -1), which spares every call its transposes.
  */
 function loraDesc(
+  n: NativeWithOps,
   x: Tensor,
   out: Tensor,
   rowGroup: Tensor,
@@ -295,6 +310,7 @@ function loraDesc(
   if (loraDescBuf.length < 8 * groups.length) loraDescBuf = new Float64Array(16 * groups.length);
   const desc = loraDescBuf;
   loraBuffers.length = 0;
+  let isa: string | undefined;
   for (let k = 0; k < groups.length; k++) {
     const g = groups[k]!;
     const c = checkLoraWeights(g, k, inF, outF);
@@ -311,8 +327,20 @@ function loraDesc(
       if (g.loraBias) void g.loraBias.storage;
     }
     const d = 8 * k;
-    loraBuffer(desc, d, nv.a, nv.aOff);
-    loraBuffer(desc, d + 2, nv.b, nv.bOff);
+    if (!g.a.requiresGrad && !g.b.requiresGrad) {
+      isa ??= n.opsIsa();
+      if (c.packed?.isa !== isa) {
+        const data = new Float32Array(n.loraPackedFloats(c.r, inF, outF));
+        n.loraPack(g.a.data as F32, g.a.offset, g.b.data as F32, g.b.offset, c.r, inF, outF, data, 0);
+        c.packed = { isa, data };
+      }
+      loraBuffer(desc, d, c.packed.data.buffer, 0);
+      desc[d + 2] = -1;
+      desc[d + 3] = 0;
+    } else {
+      loraBuffer(desc, d, nv.a, nv.aOff);
+      loraBuffer(desc, d + 2, nv.b, nv.bOff);
+    }
     desc[d + 4] = c.r;
     desc[d + 5] = g.scale;
     if (nv.lb) loraBuffer(desc, d + 6, nv.lb, nv.lbOff);
@@ -721,7 +749,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     loraRows(x, out, rowGroup, groups, rows, inF, outF) {
       if (!f32c(x) || !f32c(out) || rowGroup.dtype !== 'i32' || !rowGroup.isContiguous())
         return js.loraRows(x, out, rowGroup, groups, rows, inF, outF);
-      const desc = loraDesc(x, out, rowGroup, groups, rows, inF, outF);
+      const desc = loraDesc(n, x, out, rowGroup, groups, rows, inF, outF);
       n.loraRows(
         f(x),
         x.offset,
@@ -822,7 +850,8 @@ export function hasOps(addon: NativeAddon): addon is NativeWithOps {
     typeof a.gemmRows === 'function' &&
     typeof a.attentionForward === 'function' &&
     typeof a.opsIsa === 'function' &&
-    typeof a.loraRows === 'function'
+    typeof a.loraRows === 'function' &&
+    typeof a.loraPack === 'function'
   );
 }
 
