@@ -323,7 +323,8 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, i
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
     for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
     int64_t k = k0;
-    // four rows of B per pass over the chains (each chain still takes its k in order)
+    // eight rows of B per pass over the chains (each chain still takes its k in order): more rows in flight
+    for (; k + 8 <= k0 + kc; k += 8) gv_rows<R, DT, 8>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
     for (; k + 4 <= k0 + kc; k += 4) gv_rows<R, DT, 4>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
     for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
     const bool write = P || (k0 == 0 && !g.add);
