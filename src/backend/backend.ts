@@ -72,8 +72,11 @@ export type ReduceOp = 'sum' | 'max' | 'min';
 export interface CoreKernels {
   readonly name: string;
   readonly device: Device;
-  /** A zero-filled storage of n elements. */
-  alloc(dtype: DType, n: number): Storage;
+  /**
+   * A zero-filled storage of n elements; with uninit, its contents are unspecified (for an output the caller
+   * writes whole before reading it: a recycled buffer then skips its zeroing).
+   */
+  alloc(dtype: DType, n: number, uninit?: boolean): Storage;
   gemm(args: GemmArgs): void;
   /** dst = src, both any strides (same shape), converting dtype. */
   copy(src: Tensor, dst: Tensor): void;

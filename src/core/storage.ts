@@ -125,11 +125,14 @@ export function clearBufferPool(): void {
   pool.clear();
 }
 
-/** A zeroed host storage of n elements, from the pool when a buffer of the size is there. */
-export function allocCpu(dtype: DType, n: number): CpuStorage {
+/**
+ * A host storage of n elements, from the pool when a buffer of the size is there: zeroed, unless zero is false
+ * (then a recycled buffer keeps its old contents, for an output the caller writes whole).
+ */
+export function allocCpu(dtype: DType, n: number, zero = true): CpuStorage {
   const bytes = n * itemSize(dtype);
   const buf = bytes >= BufferPool.MIN_BYTES ? pool.take(bytes) : null;
   if (!buf) return new CpuStorage(dtype, allocTyped(dtype, n), true);
-  new Uint8Array(buf).fill(0);
+  if (zero) new Uint8Array(buf).fill(0);
   return new CpuStorage(dtype, typedOver(dtype, buf), true);
 }

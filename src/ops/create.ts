@@ -13,6 +13,12 @@ export function empty(shape: Shape, dtype: DType = 'f32'): Tensor {
 }
 export const zeros = empty;
 
+/** A new tensor whose contents are unspecified: only for an output that is written whole before it is read. */
+export function emptyForOutput(shape: Shape, dtype: DType = 'f32'): Tensor {
+  checkShape('emptyForOutput', shape);
+  return new Tensor(getBackend().alloc(dtype, numel(shape), true), shape);
+}
+
 export function full(shape: Shape, value: number, dtype: DType = 'f32'): Tensor {
   const t = empty(shape, dtype);
   if (value !== 0) getBackend().fill(t, value);

@@ -5,7 +5,7 @@
 import { getBackend } from '../backend/index.ts';
 import { fmtShape, ShapeError } from '../core/errors.ts';
 import { numel, type Tensor } from '../core/tensor.ts';
-import { empty } from './create.ts';
+import { emptyForOutput } from './create.ts';
 import { sum } from './reduce.ts';
 import { contiguous, f32c, reshape } from './shape.ts';
 import { record } from './tape.ts';
@@ -62,7 +62,7 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
     const c2 = matmul(a2, b);
     return reshape(c2, [...aBatch, m, n]);
   }
-  const out = empty([...aBatch, m, n]);
+  const out = emptyForOutput([...aBatch, m, n]);
   gemmInto(a, b, out, 1, 0);
   return record(
     out,
@@ -134,7 +134,7 @@ export function linear(x: Tensor, w: Tensor, bias?: Tensor | null): Tensor {
   const rows = x.size / inF;
   const xc = f32c(x);
   const x2 = xc.view([rows, inF], [inF, 1], xc.offset);
-  const out = empty([...x.shape.slice(0, -1), outF]);
+  const out = emptyForOutput([...x.shape.slice(0, -1), outF]); // the bias copy or the product writes it whole
   const o2 = out.view([rows, outF], [outF, 1], out.offset);
   const wt = transposeView(w);
   if (bias) {
@@ -155,14 +155,14 @@ export function linear(x: Tensor, w: Tensor, bias?: Tensor | null): Tensor {
       const g2 = g.view([rows, outF], [outF, 1], g.offset);
       let gx: Tensor | null = null;
       if (needs[0]) {
-        gx = empty(xShape);
+        gx = emptyForOutput(xShape);
         const gx2 = gx.view([rows, inF], [inF, 1], 0);
         gemmInto(g2, sw!, gx2, 1, 0);
         gx2.dispose();
       }
       let gw: Tensor | null = null;
       if (needs[1]) {
-        gw = empty([outF, inF]);
+        gw = emptyForOutput([outF, inF]);
         const x2s = sx!.view([rows, inF], [inF, 1], sx!.offset);
         const g2t = transposeView(g2);
         gemmInto(g2t, x2s, gw, 1, 0);

@@ -265,9 +265,9 @@ function scatterAddRows(g: Tensor, idx: Tensor, out: Tensor, cols: number): void
   }
 }
 
-function alloc(dtype: DType, n: number): CpuStorage {
+function alloc(dtype: DType, n: number, uninit = false): CpuStorage {
   if (!Number.isSafeInteger(n) || n < 0) throw new IndexError(`alloc: invalid element count ${n}`);
-  return allocCpu(dtype, n);
+  return allocCpu(dtype, n, !uninit);
 }
 
 export const jsCoreKernels: CoreKernels = {
