@@ -30,18 +30,9 @@ export function isFloat(dtype: DType): boolean {
   return dtype === 'f32' || dtype === 'bf16' || dtype === 'f16';
 }
 
+/** A zeroed typed array of n elements of dtype. */
 export function allocTyped(dtype: DType, n: number): AnyTypedArray {
-  switch (dtype) {
-    case 'f32':
-      return new Float32Array(n);
-    case 'bf16':
-    case 'f16':
-      return new Uint16Array(n);
-    case 'i32':
-      return new Int32Array(n);
-    case 'u8':
-      return new Uint8Array(n);
-  }
+  return typedOver(dtype, new ArrayBuffer(n * itemSize(dtype)));
 }
 
 /** A typed array of dtype over a whole buffer. */
