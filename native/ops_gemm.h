@@ -228,6 +228,7 @@ thread_local Scratch tls_rg_a, tls_rg_b, tls_rg_p;
 
 constexpr int64_t kGemvRows = 4;
 constexpr int64_t kGemvStrip = 2048;  // columns per strip: M x 8 KiB of chains stays in L1/L2
+constexpr int64_t kGemvWide = 8192;   // up to this many columns, threads split K and take whole rows of B
 
 // VW elements of B's row from p + i, converted to f32 (n < VW: the first n, the rest 0).
 template <int DT>
@@ -323,9 +324,10 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, i
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
     for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
     int64_t k = k0;
-    // eight rows of B per pass over the chains (each chain still takes its k in order): more rows in flight
-    for (; k + 8 <= k0 + kc; k += 8) gv_rows<R, DT, 8>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
-    for (; k + 4 <= k0 + kc; k += 4) gv_rows<R, DT, 4>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
+    // Eight rows of B per pass over the chains (each chain still takes its k in order), except over short rows:
+    // there eight rows are eight short streams, which the prefetcher follows worse than one row at a time.
+    if (g.N * (DT == kOpF32 ? 4 : 2) >= 2048)
+      for (; k + 8 <= k0 + kc; k += 8) gv_rows<R, DT, 8>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
     for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
     const bool write = P || (k0 == 0 && !g.add);
     const float alpha = P ? 1.0f : g.alpha;
@@ -377,13 +379,22 @@ void rg_gemv(const RG& g, int threads) {
   const double bytes = (double)g.N * (double)g.K * (g.B.dtype == kOpF32 ? 4 : 2);
   const int T = bytes < 128.0 * 1024 ? 1 : threads;
   const GvStripFn strip = kGvStrips[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1];
-  if (T > 1 && g.N <= kGemvStrip && nKB >= T && (nKB % T == 0 || nKB >= 4 * T)) {
-    // Few columns, many K blocks (a down projection): threads take K blocks, each streaming whole rows of B,
-    // and the blocks' chains are added to C in block order, as one thread would.
+  const int64_t q = g.K / KC / T;  // whole K blocks per thread
+  if (T > 1 && q >= 1 && g.N <= kGemvWide) {
+    // Threads take whole K blocks, each streaming a contiguous run of B's rows over all columns: thread t
+    // blocks t*q .. (t+1)*q - 1. The blocks left over (fewer than T whole ones, and a short last one) are
+    // shared by columns. Each block's chains go to P and are added to C in block order, as one thread would.
     float* P = tls_rg_p.get<float>((size_t)(nKB * g.M * g.N + VW));
-    par_ranges(nKB, T, 1, [&](int64_t kb0, int64_t kb1) {
-      float* t = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
-      strip(g, Ap, 0, g.N, KC, kb0, kb1, t, P);
+    const int64_t rest = nKB - T * q;
+    const int64_t colUnit = 16, nU = (g.N + colUnit - 1) / colUnit;
+    par_tasks_n(T, [&](int t) {
+      float* tb = tls_rg_b.get<float>((size_t)(kGemvRows * (kGemvWide + VW)));
+      strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q, tb, P);
+      if (rest > 0) {
+        const int64_t u0 = nU * t / T, u1 = nU * (t + 1) / T;
+        const int64_t j0 = u0 * colUnit, j1 = u1 * colUnit < g.N ? u1 * colUnit : g.N;
+        if (j1 > j0) strip(g, Ap, j0, j1 - j0, KC, T * q, nKB, tb, P);
+      }
     });
     for (int64_t r = 0; r < g.M; ++r) {
       float* c = g.C + r * g.ldc;

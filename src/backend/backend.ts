@@ -77,6 +77,11 @@ export interface CoreKernels {
    * writes whole before reading it: a recycled buffer then skips its zeroing).
    */
   alloc(dtype: DType, n: number, uninit?: boolean): Storage;
+  /**
+   * Optional memory hint: back the untouched host buffer with huge pages where the system allows, for large
+   * weights streamed whole on every step. Returns the bytes covered.
+   */
+  adviseHugePages?(buffer: ArrayBuffer): number;
   gemm(args: GemmArgs): void;
   /** dst = src, both any strides (same shape), converting dtype. */
   copy(src: Tensor, dst: Tensor): void;

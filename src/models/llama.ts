@@ -11,7 +11,7 @@ import { Embedding, Linear, RMSNorm } from '../nn/layers.ts';
 import { Module, ModuleList } from '../nn/module.ts';
 import { gelu, swiglu } from '../ops/activation.ts';
 import { attention } from '../ops/attention.ts';
-import { empty } from '../ops/create.ts';
+import { empty, emptyHuge } from '../ops/create.ts';
 import { add, mul } from '../ops/elementwise.ts';
 import { crossEntropy } from '../ops/loss.ts';
 import { linear } from '../ops/matmul.ts';
@@ -223,19 +223,26 @@ export class LlamaForCausalLM extends Module {
    * time, plus the head's copy when tied. Use a model without it to train, merge or save.
    */
   useDecodeLayout(): void {
+    const movable = (w: Tensor) =>
+      w.ndim === 2 && w.isContiguous() && !w.requiresGrad && w.dtype !== 'i32' && w.dtype !== 'u8';
+    // Every weight re-stored here goes into one fresh buffer per dtype, backed by huge pages where the system
+    // allows: decoding streams all of them once per token.
+    const sizes = new Map<DType, number>();
+    const need = (w: Tensor) => sizes.set(w.dtype, (sizes.get(w.dtype) ?? 0) + WeightArena.span(w.size));
+    for (const [, m] of this.namedModules()) if (m instanceof Linear && movable(m.weight)) need(m.weight);
+    const tiedHead = !this.getChild('lm_head') && !this.headT;
+    if (tiedHead) need(this.lmHeadWeight);
+    const arena = new WeightArena(sizes);
     for (const layer of this.inner.layers.items) {
       const attn = layer.getChild('self_attn') as LlamaAttention;
       const mlp = layer.getChild('mlp') as LlamaMLP;
-      attn.fusedQKV ??= fuseLinears(attn, ['q_proj', 'k_proj', 'v_proj']);
-      mlp.fusedGateUp ??= fuseLinears(mlp, ['gate_proj', 'up_proj']);
+      attn.fusedQKV ??= fuseLinears(attn, ['q_proj', 'k_proj', 'v_proj'], arena);
+      mlp.fusedGateUp ??= fuseLinears(mlp, ['gate_proj', 'up_proj'], arena);
     }
-    for (const [, m] of this.namedModules()) {
-      if (!(m instanceof Linear)) continue;
-      const w = m.weight;
-      if (w.ndim === 2 && w.isContiguous() && !w.requiresGrad && w.dtype !== 'i32' && w.dtype !== 'u8')
-        m.setParam('weight', storedTransposed(w));
-    }
-    if (!this.getChild('lm_head') && !this.headT) this.headT = keep(storedTransposed(this.lmHeadWeight));
+    for (const [, m] of this.namedModules())
+      if (m instanceof Linear && movable(m.weight)) m.setParam('weight', storedTransposed(m.weight, arena));
+    if (tiedHead) this.headT = keep(storedTransposed(this.lmHeadWeight, arena));
+    arena.dispose();
   }
 
   private headT: Tensor | null = null;
@@ -295,9 +302,37 @@ export class LlamaForCausalLM extends Module {
 }
 
 /** w [R, C] (contiguous) as a view [R, C] with strides [1, R] over a new contiguous [C, R] copy. */
-function storedTransposed(w: Tensor): Tensor {
+/**
+ * Fresh contiguous pieces of a few large buffers (one per dtype, sized up front, in huge pages where the
+ * backend can): views keep the memory alive after dispose().
+ */
+class WeightArena {
+  private readonly bufs = new Map<DType, { t: Tensor; off: number }>();
+  /** Elements a piece of n takes: pieces start 64 bytes apart at least. */
+  static span(n: number): number {
+    return Math.ceil(n / 32) * 32;
+  }
+  constructor(sizes: Map<DType, number>) {
+    for (const [dt, n] of sizes) if (n > 0) this.bufs.set(dt, { t: emptyHuge([n], dt), off: 0 });
+  }
+  /** A contiguous zeroed [rows, cols] tensor. */
+  take(rows: number, cols: number, dtype: DType): Tensor {
+    const b = this.bufs.get(dtype);
+    const n = rows * cols;
+    if (!b || b.off + n > b.t.size) return empty([rows, cols], dtype);
+    const v = b.t.view([rows, cols], [cols, 1], b.off);
+    b.off += WeightArena.span(n);
+    return v;
+  }
+  dispose(): void {
+    for (const b of this.bufs.values()) b.t.dispose();
+    this.bufs.clear();
+  }
+}
+
+function storedTransposed(w: Tensor, arena: WeightArena): Tensor {
   const [r, c] = w.shape as [number, number];
-  const t = empty([c, r], w.dtype);
+  const t = arena.take(c, r, w.dtype);
   const wt = w.view([c, r], [1, c], w.offset);
   getBackend().copy(wt, t);
   wt.dispose();
@@ -321,7 +356,7 @@ interface FusedLinears {
   sizes: number[];
 }
 
-function fuseLinears(owner: Module, names: string[]): FusedLinears | null {
+function fuseLinears(owner: Module, names: string[], arena: WeightArena): FusedLinears | null {
   const parts = names.map((n) => owner.getChild(n));
   if (!parts.every((p): p is Linear => p instanceof Linear)) return null;
   const w0 = parts[0]!.weight;
@@ -337,7 +372,7 @@ function fuseLinears(owner: Module, names: string[]): FusedLinears | null {
   const K = w0.shape[1]!;
   const sizes = parts.map((p) => p.weight.shape[0]!);
   const N = sizes.reduce((a, b) => a + b, 0);
-  const t = empty([K, N], w0.dtype);
+  const t = arena.take(K, N, w0.dtype);
   let off = 0;
   const weights = parts.map((p, i) => {
     const w = p.weight;

@@ -125,6 +125,7 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
       { n: 3, k: kc + 1 },
       { n: 2100, k: 37 }, // wider than a strip of the few-row path (ops_gemm.h kGemvStrip)
       { n: 100, k: 4 * kc - 3 }, // four K blocks: the few-row path splits them across threads
+      { n: 1030, k: 3 * kc + 7 }, // whole blocks per thread, the short last one shared by columns; long rows
     ];
     for (const { n, k } of shapes)
       for (const [transA, transB] of [
@@ -960,4 +961,23 @@ test('the native backend falls back to the reference for what it does not take',
   same(f(o1), f(o2), 'gelu erf');
   // a non-f32 binary input goes to the reference, which raises its TypeError
   assert.throws(() => nb.binary('add', encode(f(x), 'bf16'), x, zeros([500])), TypeError);
+});
+
+// ---- memory hints -----------------------------------------------------------------------------------------
+
+test('adviseHugePages covers the 2 MiB-aligned interior of a fresh buffer; emptyHuge is zeroed', { skip }, async () => {
+  const nb = makeNativeBackend(addon!);
+  const buf = new ArrayBuffer(9 << 20);
+  const covered = nb.adviseHugePages!(buf);
+  if (process.platform === 'linux') {
+    assert.equal(covered % (2 << 20), 0);
+    assert.ok(covered >= 6 << 20 && covered <= 8 << 20, `covered ${covered} of 9 MiB`);
+  } else assert.equal(covered, 0);
+  assert.equal(nb.adviseHugePages!(new ArrayBuffer(1 << 20)), 0); // no whole huge page inside
+  const { emptyHuge } = await import('../../src/ops/create.ts');
+  const t = emptyHuge([3, 1 << 20], 'bf16');
+  assert.deepEqual(t.shape, [3, 1 << 20]);
+  assert.equal(t.dtype, 'bf16');
+  assert.ok((t.data as Uint16Array).every((v) => v === 0));
+  t.dispose();
 });

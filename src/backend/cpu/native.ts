@@ -87,6 +87,7 @@ export interface NativeOps {
   gemm4bitBackwardInput(...args: (number | boolean | OptArr | Float64Array)[]): void;
   dequantize4bitRows(...args: (number | boolean | OptArr | Float64Array)[]): void;
   opsIsa(): string;
+  adviseHugePages?(buffer: ArrayBuffer): number;
   loraPackedFloats(r: number, inF: number, outF: number): number;
   loraPack(
     a: F32,
@@ -360,6 +361,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
   const f = (t: Tensor) => t.data as F32;
 
   const core: Partial<CoreKernels> = {
+    ...(n.adviseHugePages && { adviseHugePages: (buffer: ArrayBuffer) => n.adviseHugePages!(buffer) }),
     gemm(p: GemmArgs) {
       if (!isFloatDt(p.a) || !isFloatDt(p.b) || !isF32(p.c)) return js.gemm(p);
       // With A transposed the rows of C are not batch rows (weight gradients: K runs over the tokens), so no
