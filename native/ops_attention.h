@@ -56,9 +56,10 @@ void s_rows(const float* Q, int64_t R, int64_t DP, int64_t D, const float* Kt, f
   }
 }
 
-// O[r][d0 : d0 + NDV VW] = O * scale_r + sum_jj P[r][jj] X[jj][...] for NR rows (scale_r = 1 when al null).
+// O[r][d0 : d0 + NDV VW] = O * scale_r + sum_jj P[r][jj] X[jj][...] for NR rows (scale_r = 1 when al null);
+// O rows of stride DP, X rows of stride ldx.
 template <int NR, int NDV>
-inline void pv_tile(const float* P, const float* X, int64_t DP, int64_t d0, float* O, const float* al) {
+inline void pv_tile(const float* P, const float* X, int64_t ldx, int64_t DP, int64_t d0, float* O, const float* al) {
   vf acc[NR][NDV];
   for (int r = 0; r < NR; ++r) {
     const vf s = vset(al ? al[r] : 1.0f);
@@ -69,7 +70,7 @@ inline void pv_tile(const float* P, const float* X, int64_t DP, int64_t d0, floa
   }
   for (int jj = 0; jj < BK; ++jj) {
     vf xv[NDV];
-    for (int v = 0; v < NDV; ++v) xv[v] = vload(X + jj * DP + d0 + v * VW);
+    for (int v = 0; v < NDV; ++v) xv[v] = vload(X + jj * ldx + d0 + v * VW);
     for (int r = 0; r < NR; ++r) {
       const vf a = vset(P[r * BK + jj]);
       for (int v = 0; v < NDV; ++v) acc[r][v] = vfma(a, xv[v], acc[r][v]);
@@ -80,20 +81,20 @@ inline void pv_tile(const float* P, const float* X, int64_t DP, int64_t d0, floa
 }
 
 template <int NR>
-void pv_rows_nr(const float* P, const float* X, int64_t DP, float* O, const float* al) {
+void pv_rows_nr(const float* P, const float* X, int64_t ldx, int64_t DP, float* O, const float* al) {
   int64_t d0 = 0;
-  for (; d0 + 4 * VW <= DP; d0 += 4 * VW) pv_tile<NR, 4>(P, X, DP, d0, O, al);
-  for (; d0 < DP; d0 += VW) pv_tile<NR, 1>(P, X, DP, d0, O, al);
+  for (; d0 + 4 * VW <= DP; d0 += 4 * VW) pv_tile<NR, 4>(P, X, ldx, DP, d0, O, al);
+  for (; d0 < DP; d0 += VW) pv_tile<NR, 1>(P, X, ldx, DP, d0, O, al);
 }
 
-void pv_rows(const float* P, int64_t R, const float* X, int64_t DP, float* O, const float* al) {
+void pv_rows(const float* P, int64_t R, const float* X, int64_t ldx, int64_t DP, float* O, const float* al) {
   int64_t r = 0;
-  for (; r + SR <= R; r += SR) pv_rows_nr<SR>(P + r * BK, X, DP, O + r * DP, al ? al + r : nullptr);
+  for (; r + SR <= R; r += SR) pv_rows_nr<SR>(P + r * BK, X, ldx, DP, O + r * DP, al ? al + r : nullptr);
   const float* a = al ? al + r : nullptr;
   switch (R - r) {
-    case 3: pv_rows_nr<3>(P + r * BK, X, DP, O + r * DP, a); break;
-    case 2: pv_rows_nr<2>(P + r * BK, X, DP, O + r * DP, a); break;
-    case 1: pv_rows_nr<1>(P + r * BK, X, DP, O + r * DP, a); break;
+    case 3: pv_rows_nr<3>(P + r * BK, X, ldx, DP, O + r * DP, a); break;
+    case 2: pv_rows_nr<2>(P + r * BK, X, ldx, DP, O + r * DP, a); break;
+    case 1: pv_rows_nr<1>(P + r * BK, X, ldx, DP, O + r * DP, a); break;
     default: break;
   }
 }
@@ -159,36 +160,42 @@ void pack_t(const void* p, int dt, const int64_t* st, int64_t b, int64_t kvh, in
   }
 }
 
+// Xn[jj][0:DP] = X(key j0 + jj, 0:D) for one of k / v, zero-padded; invalid keys are zero rows.
+void pack_n(const void* p, int dt, const int64_t* st, int64_t b, int64_t kvh, int64_t j0, int64_t D, int64_t DP,
+            const bool* kval, float* Xn) {
+  for (int64_t jj = 0; jj < BK; ++jj) {
+    float* xr = Xn + jj * DP;
+    int64_t d = 0;
+    if (kval[jj]) {
+      load_row(p, dt, b * st[0] + (j0 + jj) * st[1] + kvh * st[2], D, xr);
+      d = D;
+    }
+    for (; d < DP; ++d) xr[d] = 0.0f;
+  }
+}
+
+// kval[jj]: whether key j0 + jj exists and is not masked out. Returns whether any is (*all: whether all are).
+bool block_keys(const AttnArgs& a, int64_t b, int64_t j0, bool* kval, bool* all) {
+  bool any = false;
+  *all = true;
+  for (int64_t jj = 0; jj < BK; ++jj) {
+    kval[jj] = key_valid(a, b, j0 + jj);
+    any = any || kval[jj];
+    *all = *all && kval[jj];
+  }
+  return any;
+}
+
 // One key block [j0, j0 + BK) of kv head kvh: Vn (and Kn when non-null) [BK][DP] natural and zero-padded;
 // Kt (and Vt when non-null) [D][BK] transposed. Invalid slots are all zero. Returns whether any slot is valid.
 bool pack_kv(const AttnArgs& a, int64_t b, int64_t kvh, int64_t j0, int64_t DP, bool* kval, float* Kn, float* Vn,
              float* Kt, float* Vt, float* tmp) {
-  const int64_t D = a.D;
-  bool any = false;
-  for (int64_t jj = 0; jj < BK; ++jj) {
-    kval[jj] = key_valid(a, b, j0 + jj);
-    any = any || kval[jj];
-  }
-  if (!any) return false;
-  for (int64_t jj = 0; jj < BK; ++jj) {
-    const int64_t j = j0 + jj;
-    float* vr = Vn + jj * DP;
-    float* kr = Kn ? Kn + jj * DP : nullptr;
-    if (kval[jj]) {
-      load_row(a.v, a.vdt, b * a.vs[0] + j * a.vs[1] + kvh * a.vs[2], D, vr);
-      for (int64_t d = D; d < DP; ++d) vr[d] = 0.0f;
-      if (kr) {
-        load_row(a.k, a.kdt, b * a.ks[0] + j * a.ks[1] + kvh * a.ks[2], D, kr);
-        for (int64_t d = D; d < DP; ++d) kr[d] = 0.0f;
-      }
-    } else {
-      for (int64_t d = 0; d < DP; ++d) vr[d] = 0.0f;
-      if (kr)
-        for (int64_t d = 0; d < DP; ++d) kr[d] = 0.0f;
-    }
-  }
-  pack_t(a.k, a.kdt, a.ks, b, kvh, j0, D, kval, Kt, tmp);
-  if (Vt) pack_t(a.v, a.vdt, a.vs, b, kvh, j0, D, kval, Vt, tmp);
+  bool all;
+  if (!block_keys(a, b, j0, kval, &all)) return false;
+  pack_n(a.v, a.vdt, a.vs, b, kvh, j0, a.D, DP, kval, Vn);
+  if (Kn) pack_n(a.k, a.kdt, a.ks, b, kvh, j0, a.D, DP, kval, Kn);
+  pack_t(a.k, a.kdt, a.ks, b, kvh, j0, a.D, kval, Kt, tmp);
+  if (Vt) pack_t(a.v, a.vdt, a.vs, b, kvh, j0, a.D, kval, Vt, tmp);
   return true;
 }
 
@@ -247,6 +254,9 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
   const int64_t nqb = (a.Tq + Bq - 1) / Bq;
   const float qscale = a.scale * kLog2e;
   const int64_t off = a.Tk - a.Tq;
+  // The V rows of a block whose keys all exist are read in place when they are f32 and need no padding (the
+  // same values as the packed copy, so the same arithmetic).
+  const bool v_in_place = a.vdt == kOpF32 && DP == D;
   par_tasks(a.B * a.Hkv * nqb, threads, [&](int64_t task) {
     const int64_t b = task / (a.Hkv * nqb), kvh = (task / nqb) % a.Hkv, qb = task % nqb;
     const int64_t t1 = a.Tq - qb * Bq, t0 = t1 - Bq > 0 ? t1 - Bq : 0;
@@ -283,7 +293,17 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     const int64_t nblk = (pmax + 1 - jlo + BK - 1) / BK;
     for (int64_t e = nblk - 1; e >= 0; --e) {
       const int64_t j0 = pmax + 1 - (e + 1) * BK;
-      if (!pack_kv(a, b, kvh, j0, DP, kval, nullptr, Vn, Kt, nullptr, Kn)) continue;
+      bool all;
+      if (!block_keys(a, b, j0, kval, &all)) continue;
+      pack_t(a.k, a.kdt, a.ks, b, kvh, j0, D, kval, Kt, Kn);
+      const float* Vb = Vn;
+      int64_t ldv = DP;
+      if (all && v_in_place) {
+        Vb = (const float*)a.v + b * a.vs[0] + j0 * a.vs[1] + kvh * a.vs[2];
+        ldv = a.vs[1];
+      } else {
+        pack_n(a.v, a.vdt, a.vs, b, kvh, j0, D, DP, kval, Vn);
+      }
       s_rows(Qs, R, DP, D, Kt, S);
       mask_scores(a, b, j0, kval, prow, srow, R, S);
       // online softmax: block row maxima, then (vectorised over rows) the new maxima and the rescale factors
@@ -327,7 +347,7 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
         l[r] = l[r] * al[r] + hsum(sum);
         m[r] = mn;
       }
-      pv_rows(S, R, Vn, DP, O, al);
+      pv_rows(S, R, Vb, ldv, DP, O, al);
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = t0 + r / G, h = kvh * G + r % G;
@@ -433,7 +453,7 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
         }
         at_rows(S, R, dO + r0 * DP, DP, dV);   // dV += P^T dO
         at_rows(dP, R, Qs + r0 * DP, DP, dK);  // dK += dS^T Qs
-        pv_rows(dP, R, Kn, DP, dQ + r0 * DP, nullptr);  // dQ += dS K
+        pv_rows(dP, R, Kn, DP, DP, dQ + r0 * DP, nullptr);  // dQ += dS K
       }
       for (int64_t jj = 0; jj < j1 - j0; ++jj) {
         const int64_t o = ((b * a.Tk + j0 + jj) * a.Hkv + kvh) * D;

@@ -1,11 +1,22 @@
-// KV cache: per layer, K and V of shape [B, capacity, Hkv, D]. Decoding writes the new positions in place
-// and attends over a view of the first `length` positions (no copies of the past).
+// KV cache: per layer, K and V stored [B, Hkv, capacity, D] and seen through views [B, T, Hkv, D]
+// (positionsView). Decoding writes the new positions in place and attends over a view of the first `length`
+// positions (no copies of the past).
 
 import { getBackend } from '../backend/index.ts';
 import { ShapeError } from '../core/errors.ts';
 import type { Tensor } from '../core/tensor.ts';
 import { empty } from '../ops/create.ts';
 import type { ModelConfig } from './config.ts';
+
+/**
+ * Positions [t0, t0 + T) of a cache stored [B, H, capacity, D], seen as [B, T, H, D] (the layout attention and
+ * the model use). Stored head-major, each kv head's keys are contiguous, which attention's task for one kv head
+ * streams instead of picking D of every H * D values.
+ */
+export function positionsView(store: Tensor, t0: number, T: number): Tensor {
+  const [B, H, , D] = store.shape as [number, number, number, number];
+  return store.view([B, T, H, D], [store.strides[0]!, D, store.strides[1]!, 1], store.offset + t0 * D);
+}
 
 export class KVCache {
   readonly k: Tensor[] = [];
@@ -19,8 +30,8 @@ export class KVCache {
     readonly capacity: number,
   ) {
     for (let l = 0; l < cfg.num_hidden_layers; l++) {
-      this.k.push(empty([batch, capacity, cfg.num_key_value_heads, cfg.head_dim]));
-      this.v.push(empty([batch, capacity, cfg.num_key_value_heads, cfg.head_dim]));
+      this.k.push(empty([batch, cfg.num_key_value_heads, capacity, cfg.head_dim]));
+      this.v.push(empty([batch, cfg.num_key_value_heads, capacity, cfg.head_dim]));
     }
   }
 
@@ -32,15 +43,13 @@ export class KVCache {
     const K = this.k[l]!;
     const V = this.v[l]!;
     const b = getBackend();
-    const sh = [this.batch, T, K.shape[2]!, K.shape[3]!];
-    const kd = K.view(sh, K.strides, this.length * K.strides[1]!);
-    const vd = V.view(sh, V.strides, this.length * V.strides[1]!);
+    const kd = positionsView(K, this.length, T);
+    const vd = positionsView(V, this.length, T);
     b.copy(k, kd);
     b.copy(v, vd);
     kd.dispose();
     vd.dispose();
-    const full = [this.batch, end, K.shape[2]!, K.shape[3]!];
-    return { k: K.view(full, K.strides, 0), v: V.view(full, V.strides, 0) };
+    return { k: positionsView(K, 0, end), v: positionsView(V, 0, end) };
   }
 
   /** Bytes held. */

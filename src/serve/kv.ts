@@ -15,7 +15,7 @@ import { ShapeError } from '../core/errors.ts';
 import { keep } from '../core/scope.ts';
 import type { Tensor } from '../core/tensor.ts';
 import type { ModelConfig } from '../models/config.ts';
-import type { KVCache } from '../models/kv-cache.ts';
+import { type KVCache, positionsView } from '../models/kv-cache.ts';
 import { empty, intTensor } from '../ops/create.ts';
 
 /** Bytes of K and V per token (f32, every layer). */
@@ -34,7 +34,7 @@ export class SeqKV {
     cfg: ModelConfig,
     readonly capacity: number,
   ) {
-    const shape = [1, capacity, cfg.num_key_value_heads, cfg.head_dim];
+    const shape = [1, cfg.num_key_value_heads, capacity, cfg.head_dim]; // head-major (positionsView)
     for (let l = 0; l < cfg.num_hidden_layers; l++) {
       this.k.push(keep(empty(shape)));
       this.v.push(keep(empty(shape)));
@@ -73,14 +73,17 @@ export class KvScratch {
       // grow the time axis geometrically: decoding adds one position per step
       const t = Math.max(Tk, Math.ceil((cur?.shape[1] ?? 0) * 1.5), 64);
       this.dispose();
-      const shape = [b, t, this.cfg.num_key_value_heads, this.cfg.head_dim];
+      const shape = [b, this.cfg.num_key_value_heads, t, this.cfg.head_dim]; // head-major (positionsView)
       this.k = keep(empty(shape));
       this.v = keep(empty(shape));
     }
-    const K = this.k!;
-    const V = this.v!;
-    const shape = [B, Tk, K.shape[2]!, K.shape[3]!];
-    return { k: K.view(shape, K.strides, 0), v: V.view(shape, V.strides, 0) };
+    const sub = (X: Tensor) => {
+      const rows = X.view([B, X.shape[1]!, X.shape[2]!, X.shape[3]!], X.strides, 0);
+      const v = positionsView(rows, 0, Tk);
+      rows.dispose();
+      return v;
+    };
+    return { k: sub(this.k!), v: sub(this.v!) };
   }
 
   get bytes(): number {
@@ -162,7 +165,7 @@ export class BatchKV implements KVCache {
           src.strides,
           src.offset + b * src.strides[0]! + (T - r.add) * src.strides[1]!,
         );
-        const to = cache.view([1, r.add, H, D], cache.strides, past * cache.strides[1]!);
+        const to = positionsView(cache, past, r.add);
         be.copy(from, to);
         from.dispose();
         to.dispose();
@@ -171,9 +174,7 @@ export class BatchKV implements KVCache {
     if (this.batch === 1) {
       const r = this.rows[0]!;
       const n = this.totals[0]!;
-      const K = r.kv.k[l]!;
-      const V = r.kv.v[l]!;
-      return { k: K.view([1, n, H, D], K.strides, 0), v: V.view([1, n, H, D], V.strides, 0) };
+      return { k: positionsView(r.kv.k[l]!, 0, n), v: positionsView(r.kv.v[l]!, 0, n) };
     }
     const out = this.scratch.views(this.batch, this.Tk);
     this.rows.forEach((r, b) => {
@@ -182,8 +183,12 @@ export class BatchKV implements KVCache {
         [r.kv.k[l]!, out.k],
         [r.kv.v[l]!, out.v],
       ] as const) {
-        const from = cache.view([1, n, H, D], cache.strides, 0);
-        const to = dst.view([1, n, H, D], dst.strides, b * dst.strides[0]! + (this.Tk - n) * dst.strides[1]!);
+        const from = positionsView(cache, 0, n);
+        const to = dst.view(
+          [1, n, H, D],
+          dst.strides,
+          dst.offset + b * dst.strides[0]! + (this.Tk - n) * dst.strides[1]!,
+        );
         be.copy(from, to);
         from.dispose();
         to.dispose();

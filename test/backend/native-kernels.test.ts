@@ -24,6 +24,7 @@ import { type DType, f32ToBf16, f32ToF16 } from '../../src/core/dtype.ts';
 import { IndexError, LifetimeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { Tensor } from '../../src/core/tensor.ts';
+import { positionsView } from '../../src/models/kv-cache.ts';
 import { isDoubleQuant, type QuantState4bit, quantize4bit } from '../../src/quant/blockwise4.ts';
 import { code4bit } from '../../src/quant/codebooks.ts';
 
@@ -871,6 +872,57 @@ test('attention: a sequence alone equals the same sequence right-aligned in a pa
       same(f(ob).subarray((Tq + 2) * H * D), f(oa), `${isa} len=${len} T=${T} pad=${pad}: out`);
       for (let h = 0; h < H; h++)
         same(f(lb).subarray((H + h) * Tq + 2, (H + h + 1) * Tq), f(la).subarray(h * T, (h + 1) * T), `${isa} lse`);
+    }
+  });
+});
+
+test('attention over the KV cache layout (head-major K and V) equals the plain layout bit for bit', {
+  skip,
+}, () => {
+  const rng = new Rng(18);
+  const cases: AttnCase[] = [
+    { B: 1, Tq: 1, Tk: 100, Hq: 9, Hkv: 3, D: 64 }, // decoding: whole blocks' V rows read in place
+    { B: 2, Tq: 1, Tk: 70, Hq: 4, Hkv: 2, D: 16, mask: 'u8' }, // masked keys: those blocks packed
+    { B: 1, Tq: 5, Tk: 90, Hq: 6, Hkv: 2, D: 24 }, // D not a multiple of the vector: V packed
+    { B: 1, Tq: 3, Tk: 40, Hq: 2, Hkv: 1, D: 32, kvDtype: 'bf16' }, // bf16: packed
+  ];
+  eachIsa((nb, isa) => {
+    for (const c of cases) {
+      const a = attnInputs(rng, c);
+      const { B, Tk, Hkv, D } = c;
+      const cap = Tk + 9;
+      // K and V stored [B, Hkv, cap, D] (models/kv-cache.ts), holding the same values, seen as [B, Tk, Hkv, D]
+      const store = () =>
+        encode(new Float32Array(B * Hkv * cap * D), c.kvDtype ?? 'f32').view(
+          [B, Hkv, cap, D],
+          [Hkv * cap * D, cap * D, D, 1],
+          0,
+        );
+      const kView = positionsView(store(), 0, Tk);
+      const vView = positionsView(store(), 0, Tk);
+      js.copy(a.k, kView);
+      js.copy(a.v, vView);
+      const cached = { ...a, k: kView, v: vView };
+      const label = `${isa} ${JSON.stringify(c)}`;
+      const mk = () => [zeros([c.B, c.Tq, c.Hq, c.D]), zeros([c.B, c.Hq, c.Tq])] as const;
+      const [o1, l1] = mk();
+      const [o2, l2] = mk();
+      const [o3, l3] = mk();
+      nb.attentionForward(a, o1, l1);
+      nb.attentionForward(cached, o2, l2);
+      same(f(o2), f(o1), `${label} out`);
+      same(f(l2), f(l1), `${label} lse`);
+      js.attentionForward(cached, o3, l3);
+      close(f(o3), f(o1), 0, 2e-6, `${label} reference out`);
+      const g = t32(randn(rng, o1.size), [...o1.shape]);
+      const grads = () => [zeros([...a.q.shape]), zeros([...a.k.shape]), zeros([...a.v.shape])] as const;
+      const [dq1, dk1, dv1] = grads();
+      const [dq2, dk2, dv2] = grads();
+      nb.attentionBackward(a, o1, l1, g, dq1, dk1, dv1);
+      nb.attentionBackward(cached, o1, l1, g, dq2, dk2, dv2);
+      same(f(dq2), f(dq1), `${label} dq`);
+      same(f(dk2), f(dk1), `${label} dk`);
+      same(f(dv2), f(dv1), `${label} dv`);
     }
   });
 });
