@@ -7,6 +7,9 @@
 #pragma once
 
 #include <stdint.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <string.h>
 
 #include <type_traits>
