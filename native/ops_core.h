@@ -328,8 +328,32 @@ void copy_inner(const void* src, int sdt, int64_t ss, void* dst, int ddt, int64_
   }
 }
 
+// dst[i * ds0 + j] = src[i + j * ss1] for i < R, j < C (a transpose): by 64 x 64 tiles, so both sides move a
+// cache line at a time rather than one side an element per line.
+template <typename T>
+void transpose_tiles(const T* src, int64_t ss1, T* dst, int64_t ds0, int64_t R, int64_t C, int threads) {
+  constexpr int64_t TB = 64;
+  const int64_t nr = (R + TB - 1) / TB, nc = (C + TB - 1) / TB;
+  par_ranges(nr * nc, threads, 16, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t i0 = (u / nc) * TB, j0 = (u % nc) * TB;
+      const int64_t i1 = R - i0 < TB ? R : i0 + TB, j1 = C - j0 < TB ? C : j0 + TB;
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[i * ds0 + j] = src[i + j * ss1];
+    }
+  });
+}
+
 void copy_k(const Strided4& s, const void* src, int sdt, const int64_t* ss, void* dst, int ddt, const int64_t* ds,
             int threads) {
+  if (s.ndim == 2 && sdt == ddt && ss[0] == 1 && ss[1] != 1 && ds[1] == 1 && elsize(sdt) != 1) {
+    // a matrix stored transposed into a row-major one (the decoding layout's weights)
+    if (elsize(sdt) == 4)
+      transpose_tiles((const uint32_t*)src, ss[1], (uint32_t*)dst, ds[0], s.shape[0], s.shape[1], threads);
+    else
+      transpose_tiles((const uint16_t*)src, ss[1], (uint16_t*)dst, ds[0], s.shape[0], s.shape[1], threads);
+    return;
+  }
   const int64_t inner = s.shape[s.ndim - 1];
   int64_t rows = 1;
   for (int d = 0; d + 1 < s.ndim; ++d) rows *= s.shape[d];

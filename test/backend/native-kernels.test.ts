@@ -313,24 +313,29 @@ test('copy/cast between f32, bf16 and f16 (strided both sides), fill, integer co
   const rng = new Rng(6);
   const dts: DType[] = ['f32', 'bf16', 'f16'];
   eachIsa((nb, isa) => {
-    const [R, C] = [33, 47];
-    const base = withSpecials(rng, 2 * R * C);
-    base[11] = 70000; // overflows f16
-    base[12] = 3e-6; // f16 subnormal
-    for (const sdt of dts)
-      for (const ddt of dts) {
-        const src0 = encode(base, sdt);
-        const src = src0.view([R, C], [1, R], 3); // transposed view
-        const mk = () => {
-          const t = encode(new Float32Array(2 * R * C), ddt);
-          return t.view([R, C], [C + 1, 1], 1); // padded rows
-        };
-        const d1 = mk();
-        const d2 = mk();
-        nb.copy(src, d1);
-        js.copy(src, d2);
-        same(d1.data, d2.data, `${isa} copy ${sdt}->${ddt}`);
-      }
+    // small, and larger than a 64 x 64 tile of the transposing copy (with partial tiles)
+    for (const [R, C] of [
+      [33, 47],
+      [130, 150],
+    ] as const) {
+      const base = withSpecials(rng, 2 * R * C);
+      base[11] = 70000; // overflows f16
+      base[12] = 3e-6; // f16 subnormal
+      for (const sdt of dts)
+        for (const ddt of dts) {
+          const src0 = encode(base, sdt);
+          const src = src0.view([R, C], [1, R], 3); // transposed view
+          const mk = () => {
+            const t = encode(new Float32Array(2 * R * C), ddt);
+            return t.view([R, C], [C + 1, 1], 1); // padded rows
+          };
+          const d1 = mk();
+          const d2 = mk();
+          nb.copy(src, d1);
+          js.copy(src, d2);
+          same(d1.data, d2.data, `${isa} copy ${sdt}->${ddt} ${R}x${C}`);
+        }
+    }
     const ints = i32(
       Array.from({ length: 600 }, (_, i) => i * 7 - 300),
       [20, 30],
