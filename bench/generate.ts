@@ -13,7 +13,7 @@ import { fmt, machineLine, measureLimits, printTable, ratio } from './common.ts'
 
 const preset = process.argv[2] ?? '135m';
 const prefillLen = Number(process.env.PREFILL ?? 256);
-const decodeTokens = Number(process.env.DECODE ?? 32);
+const decodeTokens = Number(process.env.DECODE ?? 64);
 const addon = loadNativeAddon();
 console.log(`${machineLine(addon)}; backend ${getBackend().name}; preset ${preset}`);
 const threads = addon?.getThreads() ?? 1;
@@ -31,9 +31,10 @@ for (const dtype of ['f32', 'bf16'] as const)
     for (const [, p] of model.namedParameters()) weightBytes += p.size * (p.dtype === 'f32' ? 4 : 2);
     const rng = new Rng(1);
     const prompt = Array.from({ length: prefillLen }, () => 3 + rng.int(cfg.vocab_size - 3));
-    // warm up, then time prefill and decode
-    const warm = new DecodeSession(model, 1, 8);
+    // warm up (the JIT compiles the decoding path over its first few dozen steps), then time prefill and decode
+    const warm = new DecodeSession(model, 1, 40);
     warm.step([prompt.slice(0, 4)]);
+    for (let i = 0; i < 32; i++) warm.step([[prompt[i]!]]);
     warm.dispose();
     const s = new DecodeSession(model, 1, prefillLen + decodeTokens + 1);
     let t0 = performance.now();

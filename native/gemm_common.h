@@ -25,6 +25,18 @@ enum DTypeCode : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 using PoolFn = void (*)(void* ctx, int task);
 void pool_run(int tasks, PoolFn fn, void* ctx);
 
+// Streamed memory (pool.cc): regions registered as weights read whole, in order, once per step (the decoding
+// layout's). After a decode product reads one, the idle workers read ahead the bytes that follow it, so the
+// next products find them in the cache while the caller runs everything between products (attention, norms,
+// the JavaScript around them). stream_alloc gives zeroed memory in huge pages where the system allows,
+// registered until stream_free, which returns only once no worker reads it.
+void* stream_alloc(size_t bytes);
+void stream_free(void* p, size_t bytes);
+// After a product read [p, p + n) of a registered region: the workers read ahead from p + n.
+void stream_read_ahead(const void* p, size_t n);
+// Bytes read ahead (LOWRANK_READ_AHEAD_MB, default 8 MiB; 0 = off); bytes >= 0 sets it. Returns the value.
+int64_t stream_read_ahead_bytes(int64_t bytes);
+
 // A matrix operand: element (r, c) lives at p[r * rs + c * cs] (in elements of its dtype).
 // One of rs / cs is 1 for every operand the N-API layer builds (row-major with a leading dimension,
 // possibly transposed).

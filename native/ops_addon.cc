@@ -7,9 +7,6 @@
 #include <napi.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <string>
 #include <vector>
@@ -744,19 +741,32 @@ Napi::Value Dequantize4bitRows(const Napi::CallbackInfo& info) {
 
 Napi::Value OpsIsa(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), ops()->name); }
 
-// adviseHugePages(buffer): asks the kernel for transparent huge pages (2 MiB) over the 2 MiB-aligned interior of
-// an ArrayBuffer that nothing has written yet (a fresh large one is untouched mmap memory), so the weights
-// written there are streamed without a TLB miss every 4 KiB. Returns the bytes advised (0 where unsupported).
-Napi::Value AdviseHugePages(const Napi::CallbackInfo& info) {
-  if (info.Length() != 1 || !info[0].IsArrayBuffer()) range_error(info.Env(), "adviseHugePages: expected an ArrayBuffer");
-  double advised = 0;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
-  const uintptr_t huge = (uintptr_t)2 << 20, p0 = (uintptr_t)ab.Data(), p1 = p0 + ab.ByteLength();
-  const uintptr_t a0 = (p0 + huge - 1) & ~(huge - 1), a1 = p1 & ~(huge - 1);
-  if (a1 > a0 && madvise((void*)a0, a1 - a0, MADV_HUGEPAGE) == 0) advised = (double)(a1 - a0);
-#endif
-  return Napi::Number::New(info.Env(), advised);
+// _readAhead(bytes): tuning hook for the read-ahead of streamed weights (-1 keeps it); returns the value in use.
+Napi::Value ReadAheadBytes(const Napi::CallbackInfo& info) {
+  const double v = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1.0;
+  return Napi::Number::New(info.Env(), (double)stream_read_ahead_bytes(v >= 0 ? (int64_t)v : -1));
+}
+
+// allocStreamed(bytes): a zeroed ArrayBuffer for weights streamed whole on every decoding step, in huge pages
+// where the system allows and registered for read-ahead (gemm_common.h); freed with its ArrayBuffer.
+Napi::Value AllocStreamed(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsNumber()) range_error(env, "allocStreamed: expected a byte count");
+  const double v = info[0].As<Napi::Number>().DoubleValue();
+  if (!(v >= 0 && v <= 281474976710656.0) || v != (double)(int64_t)v)
+    range_error(env, "allocStreamed: the byte count must be an integer >= 0");
+  const size_t n = (size_t)v;
+  void* p = stream_alloc(n > 0 ? n : 1);
+  if (!p) range_error(env, "allocStreamed: out of memory");
+  Napi::MemoryManagement::AdjustExternalMemory(env, (int64_t)n);
+  return Napi::ArrayBuffer::New(
+      env, p, n,
+      [](Napi::Env e, void* data, size_t* bytes) {
+        stream_free(data, *bytes > 0 ? *bytes : 1);
+        Napi::MemoryManagement::AdjustExternalMemory(e, -(int64_t)*bytes);
+        delete bytes;
+      },
+      new size_t(n));
 }
 
 }  // namespace
@@ -800,7 +810,8 @@ void init_ops(Napi::Env env, Napi::Object exports, int (*get_isa)(), int (*get_t
       {"gemm4bitBackwardInput", Gemm4bitBackwardInput},
       {"dequantize4bitRows", Dequantize4bitRows},
       {"opsIsa", OpsIsa},
-      {"adviseHugePages", AdviseHugePages},
+      {"allocStreamed", AllocStreamed},
+      {"_readAhead", ReadAheadBytes},
   };
   for (const Fn& f : fns) exports.Set(f.name, Napi::Function::New(env, f.f, f.name));
 }

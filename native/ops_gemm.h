@@ -364,8 +364,18 @@ constexpr std::array<std::array<GvStripFn, kGemvRows>, 3> kGvStrips = {
     gv_strips<kOpBF16>(std::make_integer_sequence<int, kGemvRows>{}),
     gv_strips<kOpF16>(std::make_integer_sequence<int, kGemvRows>{})};
 
-// C (M <= kGemvRows rows) from B with B.cs == 1; threads take ranges of columns.
+void rg_gemv_run(const RG& g, int threads);
+
+// C (M <= kGemvRows rows) from B with B.cs == 1. A B in streamed memory (the decoding layout) has the workers
+// read ahead what follows it once this product is done.
 void rg_gemv(const RG& g, int threads) {
+  rg_gemv_run(g, threads);
+  const int es = g.B.dtype == kOpF32 ? 4 : 2;
+  stream_read_ahead(g.B.p, (size_t)(((g.K - 1) * g.B.rs + g.N) * es));
+}
+
+// rg_gemv's product: threads take whole K blocks (rows of B) or ranges of columns.
+void rg_gemv_run(const RG& g, int threads) {
   const int64_t KC = blocked_kc();
   float* Ap = tls_rg_a.get<float>((size_t)(g.M * g.K + VW));
   for (int64_t r = 0; r < g.M; ++r) {

@@ -8,12 +8,17 @@
 // each task (LOWRANK_SPIN_US, default 200 microseconds), then sleep: the kernels of one step or layer find
 // them awake, and idle gaps longer than that leave the CPU to others.
 #include <stdlib.h>
+#include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "gemm_common.h"
 
@@ -24,6 +29,81 @@ inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
 #endif
+}
+
+// Read-ahead of streamed regions: the range [next, end) the idle workers still have to read, under a spin lock.
+class ReadAhead {
+ public:
+  void add_region(const char* b, const char* e) {
+    lock();
+    regions_.push_back({b, e});
+    unlock();
+  }
+  // Removes the region, drops any read-ahead inside it, and returns once no worker is reading.
+  void remove_region(const char* b) {
+    lock();
+    for (size_t i = 0; i < regions_.size(); ++i)
+      if (regions_[i].b == b) {
+        if (next_ >= regions_[i].b && next_ < regions_[i].e) next_ = end_ = nullptr;
+        regions_.erase(regions_.begin() + (long)i);
+        break;
+      }
+    unlock();
+    while (reading_.load(std::memory_order_acquire) > 0) cpu_relax();
+  }
+  void after_read(const char* p, size_t n, size_t ahead) {
+    const char* from = p + n;
+    lock();
+    for (const Region& r : regions_)
+      if (p >= r.b && p < r.e) {
+        next_ = from < r.e ? from : r.e;
+        end_ = (size_t)(r.e - next_) < ahead ? r.e : next_ + ahead;
+        break;
+      }
+    unlock();
+  }
+  // One chunk of the pending read-ahead, if any: returns whether there was one.
+  bool read_chunk() {
+    if (next_ == end_) return false;  // racy peek; the claim below is under the lock
+    lock();
+    const char* b = next_;
+    const char* e = end_;
+    if (b == e) {
+      unlock();
+      return false;
+    }
+    const char* c = (size_t)(e - b) < kChunk ? e : b + kChunk;
+    next_ = c;
+    reading_.fetch_add(1, std::memory_order_acquire);
+    unlock();
+    uint64_t acc = 0;
+    for (const char* q = b; q < c; q += 64) acc += *(const volatile uint64_t*)q;
+    sink_ = sink_ + acc;
+    reading_.fetch_sub(1, std::memory_order_release);
+    return true;
+  }
+
+ private:
+  struct Region {
+    const char* b;
+    const char* e;
+  };
+  static constexpr size_t kChunk = 16 << 10;  // a task waits for at most this much reading
+  void lock() {
+    while (lock_.exchange(true, std::memory_order_acquire)) cpu_relax();
+  }
+  void unlock() { lock_.store(false, std::memory_order_release); }
+  std::atomic<bool> lock_{false};
+  std::atomic<int> reading_{0};
+  std::vector<Region> regions_;
+  const char* volatile next_ = nullptr;
+  const char* volatile end_ = nullptr;
+  volatile uint64_t sink_ = 0;
+};
+
+ReadAhead& read_ahead() {
+  static ReadAhead* r = new ReadAhead();  // never destroyed, like the pool
+  return *r;
 }
 
 class Pool {
@@ -63,6 +143,10 @@ class Pool {
       uint64_t g;
       auto t0 = std::chrono::steady_clock::now();
       for (int i = 1; (g = gen_.load()) == seen; ++i) {
+        if (read_ahead().read_chunk()) {
+          t0 = std::chrono::steady_clock::now();
+          continue;
+        }
         cpu_relax();
         if (i % 64 == 0 &&
             std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count() >
@@ -95,6 +179,63 @@ class Pool {
 void pool_run(int tasks, PoolFn fn, void* ctx) {
   static Pool* pool = new Pool();  // never destroyed: its detached workers outlive static destruction
   pool->run(tasks, fn, ctx);
+}
+
+namespace {
+constexpr size_t kHuge = (size_t)2 << 20;
+size_t stream_span(size_t bytes) { return (bytes + kHuge - 1) / kHuge * kHuge; }
+std::atomic<int64_t>& read_ahead_bytes() {
+  static std::atomic<int64_t> n{[] {
+    const char* e = getenv("LOWRANK_READ_AHEAD_MB");
+    const double mb = e ? atof(e) : 8.0;
+    return mb > 0 ? (int64_t)(mb * 1048576.0) : (int64_t)0;
+  }()};
+  return n;
+}
+}  // namespace
+
+void* stream_alloc(size_t bytes) {
+  const size_t n = stream_span(bytes);
+  void* p = nullptr;
+#if defined(__linux__)
+  // 2 MiB-aligned: map a huge page more, then unmap what lies outside the aligned span
+  char* raw = (char*)mmap(nullptr, n + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == (char*)MAP_FAILED) return nullptr;
+  char* a = (char*)(((uintptr_t)raw + kHuge - 1) & ~(uintptr_t)(kHuge - 1));
+  if (a > raw) munmap(raw, (size_t)(a - raw));
+  if (raw + n + kHuge > a + n) munmap(a + n, (size_t)(raw + n + kHuge - (a + n)));
+  p = a;
+#if defined(MADV_HUGEPAGE)
+  madvise(p, n, MADV_HUGEPAGE);
+#endif
+#else
+  p = aligned_alloc(64, n);
+  if (!p) return nullptr;
+  memset(p, 0, n);
+#endif
+  read_ahead().add_region((const char*)p, (const char*)p + n);
+  return p;
+}
+
+void stream_free(void* p, size_t bytes) {
+  if (!p) return;
+  read_ahead().remove_region((const char*)p);
+#if defined(__linux__)
+  munmap(p, stream_span(bytes));
+#else
+  (void)bytes;
+  free(p);
+#endif
+}
+
+void stream_read_ahead(const void* p, size_t n) {
+  const int64_t ahead = read_ahead_bytes().load(std::memory_order_relaxed);
+  if (ahead > 0) read_ahead().after_read((const char*)p, n, (size_t)ahead);
+}
+
+int64_t stream_read_ahead_bytes(int64_t bytes) {
+  if (bytes >= 0) read_ahead_bytes().store(bytes);
+  return read_ahead_bytes().load();
 }
 
 }  // namespace lowrank

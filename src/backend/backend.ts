@@ -78,10 +78,10 @@ export interface CoreKernels {
    */
   alloc(dtype: DType, n: number, uninit?: boolean): Storage;
   /**
-   * Optional memory hint: back the untouched host buffer with huge pages where the system allows, for large
-   * weights streamed whole on every step. Returns the bytes covered.
+   * Optional: zeroed host memory for weights streamed whole on every decoding step, in huge pages where the
+   * system allows, which the backend reads ahead of the products that use it.
    */
-  adviseHugePages?(buffer: ArrayBuffer): number;
+  allocStreamed?(bytes: number): ArrayBuffer;
   gemm(args: GemmArgs): void;
   /** dst = src, both any strides (same shape), converting dtype. */
   copy(src: Tensor, dst: Tensor): void;

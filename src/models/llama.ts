@@ -11,7 +11,7 @@ import { Embedding, Linear, RMSNorm } from '../nn/layers.ts';
 import { Module, ModuleList } from '../nn/module.ts';
 import { gelu, swiglu } from '../ops/activation.ts';
 import { attention } from '../ops/attention.ts';
-import { empty, emptyHuge } from '../ops/create.ts';
+import { empty, emptyStreamed } from '../ops/create.ts';
 import { add, mul } from '../ops/elementwise.ts';
 import { crossEntropy } from '../ops/loss.ts';
 import { linear } from '../ops/matmul.ts';
@@ -233,14 +233,19 @@ export class LlamaForCausalLM extends Module {
     const tiedHead = !this.getChild('lm_head') && !this.headT;
     if (tiedHead) need(this.lmHeadWeight);
     const arena = new WeightArena(sizes);
+    const move = (m: Module | undefined) => {
+      if (m instanceof Linear && movable(m.weight)) m.setParam('weight', storedTransposed(m.weight, arena));
+    };
+    // in the order a forward reads them: the backend reads ahead of each product what follows its weight
     for (const layer of this.inner.layers.items) {
       const attn = layer.getChild('self_attn') as LlamaAttention;
       const mlp = layer.getChild('mlp') as LlamaMLP;
       attn.fusedQKV ??= fuseLinears(attn, ['q_proj', 'k_proj', 'v_proj'], arena);
+      for (const n of ['q_proj', 'k_proj', 'v_proj', 'o_proj']) move(attn.getChild(n));
       mlp.fusedGateUp ??= fuseLinears(mlp, ['gate_proj', 'up_proj'], arena);
+      for (const n of ['gate_proj', 'up_proj', 'down_proj']) move(mlp.getChild(n));
     }
-    for (const [, m] of this.namedModules())
-      if (m instanceof Linear && movable(m.weight)) m.setParam('weight', storedTransposed(m.weight, arena));
+    for (const [, m] of this.namedModules()) move(m);
     if (tiedHead) this.headT = keep(storedTransposed(this.lmHeadWeight, arena));
     arena.dispose();
   }
@@ -313,7 +318,7 @@ class WeightArena {
     return Math.ceil(n / 32) * 32;
   }
   constructor(sizes: Map<DType, number>) {
-    for (const [dt, n] of sizes) if (n > 0) this.bufs.set(dt, { t: emptyHuge([n], dt), off: 0 });
+    for (const [dt, n] of sizes) if (n > 0) this.bufs.set(dt, { t: emptyStreamed([n], dt), off: 0 });
   }
   /** A contiguous zeroed [rows, cols] tensor. */
   take(rows: number, cols: number, dtype: DType): Tensor {

@@ -51,18 +51,18 @@ function maskArg(
  * a query that sees no key outputs zeros.
  */
 export function attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions = {}): Tensor {
-  const shapes = `q ${fmtShape(q.shape)}, k ${fmtShape(k.shape)}, v ${fmtShape(v.shape)}`;
+  const shapes = () => `q ${fmtShape(q.shape)}, k ${fmtShape(k.shape)}, v ${fmtShape(v.shape)}`; // for errors only
   if (q.ndim !== 4 || k.ndim !== 4 || v.ndim !== 4)
-    throw new ShapeError(`attention: q, k, v must be [B, T, H, D], got ${shapes}`);
+    throw new ShapeError(`attention: q, k, v must be [B, T, H, D], got ${shapes()}`);
   if (!isFloatT(q) || !isFloatT(k) || !isFloatT(v))
     throw new DTypeError(`attention: q, k, v must be float tensors, got ${q.dtype}, ${k.dtype}, ${v.dtype}`);
   const [B, Tq, Hq, D] = q.shape as [number, number, number, number];
   const [Bk, Tk, Hkv, Dk] = k.shape as [number, number, number, number];
   if (Bk !== B || Dk !== D || k.shape.some((d, i) => d !== v.shape[i]))
-    throw new ShapeError(`attention: batch and head dims must agree and k, v must have one shape; got ${shapes}`);
+    throw new ShapeError(`attention: batch and head dims must agree and k, v must have one shape; got ${shapes()}`);
   if (Hkv === 0 || Hq % Hkv !== 0)
-    throw new ShapeError(`attention: query heads ${Hq} must be a multiple of kv heads ${Hkv} (${shapes})`);
-  if (Tq > Tk) throw new ShapeError(`attention: more queries (${Tq}) than keys (${Tk}) (${shapes})`);
+    throw new ShapeError(`attention: query heads ${Hq} must be a multiple of kv heads ${Hkv} (${shapes()})`);
+  if (Tq > Tk) throw new ShapeError(`attention: more queries (${Tq}) than keys (${Tk}) (${shapes()})`);
   const scale = opts.scale ?? 1 / Math.sqrt(D);
   if (!Number.isFinite(scale)) throw new ShapeError(`attention: scale must be finite, got ${scale}`);
   const window = opts.slidingWindow ?? 0;

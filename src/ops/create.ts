@@ -1,7 +1,7 @@
 // Tensor factories on the active backend.
 
 import { getBackend } from '../backend/index.ts';
-import { type AnyTypedArray, allocTyped, type DType, fromF32 } from '../core/dtype.ts';
+import { type AnyTypedArray, allocTyped, type DType, fromF32, itemSize, typedOver } from '../core/dtype.ts';
 import { fmtShape, ShapeError } from '../core/errors.ts';
 import { globalRng, type Rng } from '../core/rng.ts';
 import { checkShape, numel, type Shape, Tensor } from '../core/tensor.ts';
@@ -20,14 +20,15 @@ export function emptyForOutput(shape: Shape, dtype: DType = 'f32'): Tensor {
 }
 
 /**
- * A new zero-filled tensor in fresh memory (never a recycled buffer) that the backend backs with huge pages
- * where it can: for weights streamed whole on every step, such as the decoding layout's, which a TLB miss every
- * 4 KiB slows by about a quarter.
+ * A new zero-filled tensor for weights streamed whole on every decoding step (the decoding layout's): the
+ * native backend gives it huge pages (a TLB miss every 4 KiB slowed streaming by about a quarter) and reads it
+ * ahead of the products that use it. Elsewhere, plain fresh memory.
  */
-export function emptyHuge(shape: Shape, dtype: DType = 'f32'): Tensor {
-  checkShape('emptyHuge', shape);
-  const data = allocTyped(dtype, numel(shape));
-  getBackend().adviseHugePages?.(data.buffer as ArrayBuffer);
+export function emptyStreamed(shape: Shape, dtype: DType = 'f32'): Tensor {
+  checkShape('emptyStreamed', shape);
+  const n = numel(shape);
+  const be = getBackend();
+  const data = be.allocStreamed ? typedOver(dtype, be.allocStreamed(n * itemSize(dtype))) : allocTyped(dtype, n);
   return Tensor.fromTyped(data, shape, dtype);
 }
 

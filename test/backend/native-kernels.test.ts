@@ -1022,17 +1022,48 @@ test('the native backend falls back to the reference for what it does not take',
 
 // ---- memory hints -----------------------------------------------------------------------------------------
 
-test('adviseHugePages covers the 2 MiB-aligned interior of a fresh buffer; emptyHuge is zeroed', { skip }, async () => {
+test('allocStreamed: zeroed memory that stays valid while its buffer lives; emptyStreamed tensors', {
+  skip,
+}, async () => {
   const nb = makeNativeBackend(addon!);
-  const buf = new ArrayBuffer(9 << 20);
-  const covered = nb.adviseHugePages!(buf);
-  if (process.platform === 'linux') {
-    assert.equal(covered % (2 << 20), 0);
-    assert.ok(covered >= 6 << 20 && covered <= 8 << 20, `covered ${covered} of 9 MiB`);
-  } else assert.equal(covered, 0);
-  assert.equal(nb.adviseHugePages!(new ArrayBuffer(1 << 20)), 0); // no whole huge page inside
-  const { emptyHuge } = await import('../../src/ops/create.ts');
-  const t = emptyHuge([3, 1 << 20], 'bf16');
+  const bufs = [1, 3 << 20, 5000].map((n) => nb.allocStreamed!(n));
+  assert.deepEqual(
+    bufs.map((b) => b.byteLength),
+    [1, 3 << 20, 5000],
+  );
+  for (const b of bufs) assert.ok(new Uint8Array(b).every((v) => v === 0));
+  assert.throws(() => nb.allocStreamed!(-1), RangeError);
+  // a decode-sized product over streamed weights, then read-ahead past it, gives the same bits as plain memory
+  const [K, N] = [300, 200];
+  const w = randn(new Rng(3), K * N);
+  const ws = new Float32Array(nb.allocStreamed!(K * N * 4 + 4096), 0, K * N);
+  ws.set(w);
+  const x = t32(randn(new Rng(4), K), [1, K]);
+  const run = (b: Float32Array) => {
+    const c = zeros([1, N]);
+    nb.gemm({
+      transA: false,
+      transB: false,
+      m: 1,
+      n: N,
+      k: K,
+      alpha: 1,
+      beta: 0,
+      a: x,
+      aOff: 0,
+      lda: K,
+      b: t32(b, [K * N]),
+      bOff: 0,
+      ldb: N,
+      c,
+      cOff: 0,
+      ldc: N,
+    });
+    return f(c);
+  };
+  same(run(ws), run(w), 'product over streamed memory');
+  const { emptyStreamed } = await import('../../src/ops/create.ts');
+  const t = emptyStreamed([3, 1 << 20], 'bf16');
   assert.deepEqual(t.shape, [3, 1 << 20]);
   assert.equal(t.dtype, 'bf16');
   assert.ok((t.data as Uint16Array).every((v) => v === 0));

@@ -87,7 +87,7 @@ export interface NativeOps {
   gemm4bitBackwardInput(...args: (number | boolean | OptArr | Float64Array)[]): void;
   dequantize4bitRows(...args: (number | boolean | OptArr | Float64Array)[]): void;
   opsIsa(): string;
-  adviseHugePages?(buffer: ArrayBuffer): number;
+  allocStreamed?(bytes: number): ArrayBuffer;
   loraPackedFloats(r: number, inF: number, outF: number): number;
   loraPack(
     a: F32,
@@ -361,7 +361,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
   const f = (t: Tensor) => t.data as F32;
 
   const core: Partial<CoreKernels> = {
-    ...(n.adviseHugePages && { adviseHugePages: (buffer: ArrayBuffer) => n.adviseHugePages!(buffer) }),
+    ...(n.allocStreamed && { allocStreamed: (bytes: number) => n.allocStreamed!(bytes) }),
     gemm(p: GemmArgs) {
       if (!isFloatDt(p.a) || !isFloatDt(p.b) || !isF32(p.c)) return js.gemm(p);
       // With A transposed the rows of C are not batch rows (weight gradients: K runs over the tokens), so no
@@ -394,8 +394,10 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     },
     copy(src: Tensor, dst: Tensor) {
       const sameDt = src.dtype === dst.dtype;
-      if (src.size < SMALL || (!sameDt && !(isFloatDt(src) && isFloatDt(dst))) || src.size !== dst.size)
-        return js.copy(src, dst);
+      // small contiguous copies stay in JavaScript (a typed-array set); strided ones of any size come here, the
+      // reference walking them element by element (a decode step's KV-cache writes)
+      const small = src.size < SMALL && src.isContiguous() && dst.isContiguous();
+      if (small || (!sameDt && !(isFloatDt(src) && isFloatDt(dst))) || src.size !== dst.size) return js.copy(src, dst);
       if (src.shape.length !== dst.shape.length || src.shape.some((d, i) => d !== dst.shape[i]))
         return js.copy(src, dst);
       const c = collapseDims(src.shape, [src.strides, dst.strides]);
