@@ -9,6 +9,7 @@ import type { Tensor } from '../core/tensor.ts';
 import { intTensor } from '../ops/create.ts';
 import { slice } from '../ops/shape.ts';
 import { noGrad } from '../ops/tape.ts';
+import { DecodePlan } from './decode-plan.ts';
 import { KVCache } from './kv-cache.ts';
 import type { ForwardContext, LlamaForCausalLM } from './llama.ts';
 import { DEFAULT_SAMPLING, type SamplingParams, sampleToken, validateSampling } from './sampling.ts';
@@ -70,6 +71,8 @@ export class DecodeSession {
     readonly batch: number,
     capacity: number,
     readonly adapterRows?: unknown,
+    /** Decoding steps through DecodePlan where the model allows (false: always the module forward). */
+    readonly usePlan = adapterRows === undefined,
   ) {
     this.cache = new KVCache(model.config, batch, capacity);
     this.mask = Array.from({ length: batch }, () => []);
@@ -91,7 +94,21 @@ export class DecodeSession {
         ids.push(tokens[b]![t]!);
         pos.push(ok ? this.nextPos[b]! : 0);
         if (ok) this.nextPos[b]!++;
+        else this.paddedRows = true;
         this.mask[b]!.push(ok);
+      }
+    }
+    // one token per row and no padding: the decoding plan (the same kernels on reused buffers), while the
+    // model is one it covers
+    if (T === 1 && this.usePlan && !this.padded()) {
+      if (this.plan && !this.plan.current()) {
+        this.plan.dispose();
+        this.plan = null;
+      }
+      this.plan ??= DecodePlan.build(this.model, B);
+      if (this.plan) {
+        const plan = this.plan;
+        return noGrad(() => tidy(() => plan.step(this.cache, ids, pos)));
       }
     }
     return noGrad(() =>
@@ -117,7 +134,17 @@ export class DecodeSession {
     );
   }
 
+  private plan: DecodePlan | null = null;
+  private paddedRows = false;
+
+  /** Whether any row holds padding (then every step needs the key mask). */
+  private padded(): boolean {
+    return this.paddedRows;
+  }
+
   dispose(): void {
+    this.plan?.dispose();
+    this.plan = null;
     this.cache.dispose();
   }
 }

@@ -38,6 +38,30 @@ export interface ForwardContext {
   adapterRows?: unknown;
 }
 
+/** One layer's weights for decode-plan.ts (projections [out, in], any layout). */
+export interface DecodeLayerWeights {
+  inputNorm: Tensor;
+  qkv: Tensor;
+  qkvBias: Tensor | null;
+  qNorm: Tensor | null;
+  kNorm: Tensor | null;
+  o: Tensor;
+  oBias: Tensor | null;
+  postNorm: Tensor;
+  gateUp: Tensor;
+  down: Tensor;
+  downBias: Tensor | null;
+}
+
+export interface DecodeWeights {
+  embed: Tensor;
+  layers: DecodeLayerWeights[];
+  norm: Tensor;
+  head: Tensor;
+  headBias: Tensor | null;
+  invFreq: Tensor;
+}
+
 interface InitOptions {
   dtype?: DType;
   rng?: Rng;
@@ -252,6 +276,59 @@ export class LlamaForCausalLM extends Module {
 
   private headT: Tensor | null = null;
 
+  /**
+   * The weights a decoding step reads, when the model is plain in the decoding layout: q/k/v and gate/up fused,
+   * every other projection a plain Linear (no adapter), SiLU MLPs, no layer runner. Null otherwise (the step
+   * then runs the module forward). See decode-plan.ts.
+   */
+  decodeWeights(): DecodeWeights | null {
+    const cfg = this.config;
+    if (this.layerRunner || cfg.hidden_act !== 'silu') return null;
+    // a wrapper (LoraModel) that takes over the forward, or any module replaced by another kind, keeps the
+    // module forward
+    const proto = LlamaForCausalLM.prototype;
+    if (this.hidden !== proto.hidden || this.head !== proto.head || this.forward !== proto.forward) return null;
+    const plain = (m: Module | undefined): m is Linear => m?.constructor === Linear;
+    const norm = (m: Module | undefined): m is RMSNorm => m?.constructor === RMSNorm;
+    const head = this.getChild('lm_head');
+    if (head && !plain(head)) return null;
+    const embed = this.inner.getChild('embed_tokens');
+    if (embed?.constructor !== Embedding || !norm(this.inner.getChild('norm'))) return null;
+    const layers: DecodeLayerWeights[] = [];
+    for (const layer of this.inner.layers.items) {
+      const attn = layer.getChild('self_attn') as LlamaAttention;
+      const mlp = layer.getChild('mlp') as LlamaMLP;
+      const o = attn.getChild('o_proj');
+      const down = mlp.getChild('down_proj');
+      if (!fusedInForce(attn, attn.fusedQKV) || !fusedInForce(mlp, mlp.fusedGateUp)) return null;
+      if (!plain(o) || !plain(down)) return null;
+      const norms = ['input_layernorm', 'post_attention_layernorm'].map((n) => layer.getChild(n));
+      if (!norms.every(norm) || (cfg.qk_norm && !['q_norm', 'k_norm'].every((n) => norm(attn.getChild(n)))))
+        return null;
+      layers.push({
+        inputNorm: (layer.getChild('input_layernorm') as RMSNorm).weight,
+        qkv: attn.fusedQKV.w,
+        qkvBias: attn.fusedQKV.bias,
+        qNorm: cfg.qk_norm ? (attn.getChild('q_norm') as RMSNorm).weight : null,
+        kNorm: cfg.qk_norm ? (attn.getChild('k_norm') as RMSNorm).weight : null,
+        o: o.weight,
+        oBias: o.bias,
+        postNorm: (layer.getChild('post_attention_layernorm') as RMSNorm).weight,
+        gateUp: mlp.fusedGateUp.w,
+        down: down.weight,
+        downBias: down.bias,
+      });
+    }
+    return {
+      embed: (this.inner.getChild('embed_tokens') as Embedding).weight,
+      layers,
+      norm: (this.inner.getChild('norm') as RMSNorm).weight,
+      head: head ? (head as Linear).weight : (this.headT ?? this.lmHeadWeight),
+      headBias: head ? (head as Linear).bias : null,
+      invFreq: this.invFreq,
+    };
+  }
+
   /** The output head's weight [V, H] (the embedding table when tied). */
   get lmHeadWeight(): Tensor {
     const head = this.getChild('lm_head') as Linear | undefined;
@@ -404,9 +481,14 @@ function fuseLinears(owner: Module, names: string[], arena: WeightArena): FusedL
   return { names, parts: parts as Linear[], weights, w, bias, sizes };
 }
 
+/** Whether the fused product still stands for its parts (none replaced, e.g. wrapped by an adapter). */
+function fusedInForce(owner: Module, f: FusedLinears | null): f is FusedLinears {
+  return !!f?.names.every((n, i) => owner.getChild(n) === f.parts[i] && f.parts[i]!.weight === f.weights[i]);
+}
+
 /** The parts' outputs from one product, or null when the parts were replaced (e.g. wrapped by an adapter). */
 function fusedOutputs(owner: Module, f: FusedLinears | null, x: Tensor): Tensor[] | null {
-  if (!f?.names.every((n, i) => owner.getChild(n) === f.parts[i] && f.parts[i]!.weight === f.weights[i])) return null;
+  if (!fusedInForce(owner, f)) return null;
   const y = linear(x, f.w, f.bias);
   const outs: Tensor[] = [];
   let off = 0;

@@ -6,6 +6,8 @@ import { keep } from '../core/scope.ts';
 import { sameShape, type Tensor } from '../core/tensor.ts';
 
 export abstract class Module {
+  /** Bumped whenever any module registers or replaces a parameter or child (cached plans compare it). */
+  static structureVersion = 0;
   private readonly _params = new Map<string, Tensor | null>();
   private readonly _children = new Map<string, Module>();
   training = false;
@@ -20,12 +22,14 @@ export abstract class Module {
       t.name ??= name;
     }
     this._params.set(name, t);
+    Module.structureVersion++;
     return t;
   }
 
   /** Registers (or replaces) a child module. */
   child<M extends Module>(name: string, m: M): M {
     this._children.set(name, m);
+    Module.structureVersion++;
     return m;
   }
 

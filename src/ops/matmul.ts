@@ -2,6 +2,7 @@
 // linear computes no weight gradient when W does not require one: a frozen base weight costs only the
 // input-gradient product in backward.
 
+import type { GemmArgs } from '../backend/backend.ts';
 import { getBackend } from '../backend/index.ts';
 import { fmtShape, ShapeError } from '../core/errors.ts';
 import { numel, type Tensor } from '../core/tensor.ts';
@@ -77,7 +78,7 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
   );
 }
 
-function transposeView(x: Tensor): Tensor {
+export function transposeView(x: Tensor): Tensor {
   const nd = x.ndim;
   const shape = [...x.shape];
   const strides = [...x.strides];
@@ -86,15 +87,26 @@ function transposeView(x: Tensor): Tensor {
   return x.view(shape, strides, x.offset);
 }
 
-/** c = alpha * a @ b + beta * c with batch dims folded; a, b any float dtype and layout. */
-export function gemmInto(a: Tensor, b: Tensor, c: Tensor, alpha: number, beta: number): void {
+const NONE: Tensor[] = [];
+
+/**
+ * The backend's arguments for c = alpha * a @ b + beta * c with batch dims folded, and the contiguous copies
+ * made of a or b where their layout needed one (the caller disposes them after the product).
+ */
+export function gemmArgs(
+  a: Tensor,
+  b: Tensor,
+  c: Tensor,
+  alpha: number,
+  beta: number,
+): { args: GemmArgs; owned: Tensor[] } {
   const la = layout(a);
   const lb = layout(b);
   const m = a.shape[a.ndim - 2]!;
   const k = a.shape[a.ndim - 1]!;
   const n = b.shape[b.ndim - 1]!;
   const batch = numel(a.shape.slice(0, -2));
-  getBackend().gemm({
+  const args: GemmArgs = {
     transA: la.trans,
     transB: lb.trans,
     m,
@@ -115,9 +127,15 @@ export function gemmInto(a: Tensor, b: Tensor, c: Tensor, alpha: number, beta: n
     strideA: la.batchStride,
     strideB: b.ndim === 2 ? 0 : lb.batchStride,
     strideC: m * n,
-  });
-  if (la.owned) la.t.dispose();
-  if (lb.owned) lb.t.dispose();
+  };
+  return { args, owned: la.owned || lb.owned ? [la, lb].filter((l) => l.owned).map((l) => l.t) : NONE };
+}
+
+/** c = alpha * a @ b + beta * c with batch dims folded; a, b any float dtype and layout. */
+export function gemmInto(a: Tensor, b: Tensor, c: Tensor, alpha: number, beta: number): void {
+  const { args, owned } = gemmArgs(a, b, c, alpha, beta);
+  getBackend().gemm(args);
+  for (const t of owned) t.dispose();
 }
 
 /**

@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import { ConfigError, FormatError, ShapeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { configFromHF, configToHF } from '../../src/models/config.ts';
+import { DecodePlan } from '../../src/models/decode-plan.ts';
 import { DecodeSession, fullLogits, generate, generateBatch } from '../../src/models/generate.ts';
 import { LlamaForCausalLM } from '../../src/models/llama.ts';
 import { loadModel, permuteRope, unpermuteRope } from '../../src/models/load.ts';
@@ -276,4 +277,76 @@ test('the decoding layout gives bit-identical logits (tied and untied heads, f32
       plain.dispose();
       laid.dispose();
     }
+});
+
+test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias, qwen3 q/k norm, f32/bf16)', () => {
+  const built: (DecodePlan | null)[] = [];
+  const orig = DecodePlan.build;
+  DecodePlan.build = (m, b) => {
+    const p = orig.call(DecodePlan, m, b);
+    built.push(p);
+    return p;
+  };
+  try {
+    for (const model_type of ['llama', 'qwen2', 'qwen3'])
+      for (const dtype of ['f32', 'bf16'] as const) {
+        const cfg = configFromHF({
+          model_type,
+          vocab_size: 300,
+          hidden_size: 48,
+          intermediate_size: 80,
+          num_hidden_layers: 2,
+          num_attention_heads: 4,
+          num_key_value_heads: 2,
+          head_dim: 16,
+          tie_word_embeddings: model_type !== 'llama',
+        });
+        const m = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype });
+        m.useDecodeLayout();
+        for (const batch of [1, 3]) {
+          const run = (usePlan: boolean) => {
+            const s = new DecodeSession(m, batch, 16, undefined, usePlan);
+            const out = [...s.step(Array.from({ length: batch }, (_, b) => [3 + b, 17, 40 + b]))];
+            for (let i = 0; i < 5; i++)
+              out.push(...s.step(Array.from({ length: batch }, (_, b) => [(i * 31 + b) % 300])));
+            s.dispose();
+            return out;
+          };
+          built.length = 0;
+          const want = run(false);
+          assert.equal(built.length, 0, 'usePlan false never builds a plan');
+          const got = run(true);
+          assert.deepEqual(
+            built.map((p) => p !== null),
+            [true],
+            `${model_type} ${dtype}: one plan, built once`,
+          );
+          for (let i = 0; i < want.length; i++)
+            assert.deepEqual(got[i], want[i], `${model_type} ${dtype} batch ${batch}: logits ${i} differ`);
+        }
+        // padded rows need the key mask: the module forward
+        built.length = 0;
+        const s = new DecodeSession(m, 2, 16);
+        s.step(
+          [
+            [0, 5, 6],
+            [7, 8, 9],
+          ],
+          [
+            [0, 1, 1],
+            [1, 1, 1],
+          ],
+        );
+        s.step([[1], [2]]);
+        s.dispose();
+        assert.equal(built.length, 0, 'padding: no plan');
+        // without the decoding layout there is nothing fused: no plan
+        const plain = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype });
+        assert.equal(DecodePlan.build(plain, 1), null);
+        plain.dispose();
+        m.dispose();
+      }
+  } finally {
+    DecodePlan.build = orig;
+  }
 });
