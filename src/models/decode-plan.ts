@@ -4,8 +4,8 @@
 // kernels (tensor objects, scopes, shape checks, fresh outputs), as much as a third of a bf16 step. The plan
 // makes the same kernel calls with the same inputs (so the logits are bit-identical to the module forward,
 // tested), but its products' arguments are built once and its intermediates live in buffers reused every
-// step. It covers a plain model in the decoding layout (LlamaForCausalLM.decodeWeights) with unpadded rows;
-// anything else (adapters, padding masks, GELU MLPs) takes the module forward.
+// step. It covers a plain model in the decoding layout (LlamaForCausalLM.decodeWeights); anything else
+// (adapters, GELU MLPs, a layer runner) takes the module forward.
 
 import type { GemmArgs } from '../backend/backend.ts';
 import { getBackend } from '../backend/index.ts';
@@ -165,9 +165,9 @@ export class DecodePlan {
 
   /**
    * One token per row (ids[b] at position pos[b]), appended to the cache; returns the logits per row. The
-   * cache's length advances by one.
+   * cache's length advances by one. keyMask: i32 [B, length + 1] (1 = attend) where rows hold padding.
    */
-  step(cache: KVCache, ids: readonly number[], pos: readonly number[]): Float32Array[] {
+  step(cache: KVCache, ids: readonly number[], pos: readonly number[], keyMask: Tensor | null = null): Float32Array[] {
     const be = getBackend();
     const cfg = this.model.config;
     const B = this.batch;
@@ -213,11 +213,7 @@ export class DecodePlan {
       vd.dispose();
       const ka = positionsView(K, 0, L + 1);
       const va = positionsView(Vc, 0, L + 1);
-      be.attentionForward(
-        { q: this.qRot, k: ka, v: va, scale, keyMask: null, seqIds: null, window: 0 },
-        this.attn,
-        this.lse,
-      );
+      be.attentionForward({ q: this.qRot, k: ka, v: va, scale, keyMask, seqIds: null, window: 0 }, this.attn, this.lse);
       ka.dispose();
       va.dispose();
       run(lp.o);

@@ -98,9 +98,9 @@ export class DecodeSession {
         this.mask[b]!.push(ok);
       }
     }
-    // one token per row and no padding: the decoding plan (the same kernels on reused buffers), while the
-    // model is one it covers
-    if (T === 1 && this.usePlan && !this.padded()) {
+    const keyMask = () => (this.paddedRows ? intTensor(this.mask.flat(), [B, this.mask[0]!.length]) : null);
+    // one token per row: the decoding plan (the same kernels on reused buffers), while the model is one it covers
+    if (T === 1 && this.usePlan) {
       if (this.plan && !this.plan.current()) {
         this.plan.dispose();
         this.plan = null;
@@ -108,7 +108,7 @@ export class DecodeSession {
       this.plan ??= DecodePlan.build(this.model, B);
       if (this.plan) {
         const plan = this.plan;
-        return noGrad(() => tidy(() => plan.step(this.cache, ids, pos)));
+        return noGrad(() => tidy(() => plan.step(this.cache, ids, pos, keyMask())));
       }
     }
     return noGrad(() =>
@@ -116,10 +116,7 @@ export class DecodeSession {
         const idT = intTensor(ids, [B, T]);
         const ctx: ForwardContext = {
           positions: intTensor(pos, [B, T]),
-          keyMask:
-            valid || this.mask.some((m) => m.includes(0))
-              ? intTensor(this.mask.flat(), [B, this.mask[0]!.length])
-              : null,
+          keyMask: keyMask(),
           cache: this.cache,
           adapterRows: this.adapterRows,
         };
@@ -135,12 +132,8 @@ export class DecodeSession {
   }
 
   private plan: DecodePlan | null = null;
-  private paddedRows = false;
-
   /** Whether any row holds padding (then every step needs the key mask). */
-  private padded(): boolean {
-    return this.paddedRows;
-  }
+  private paddedRows = false;
 
   dispose(): void {
     this.plan?.dispose();

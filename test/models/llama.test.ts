@@ -279,7 +279,7 @@ test('the decoding layout gives bit-identical logits (tied and untied heads, f32
     }
 });
 
-test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias, qwen3 q/k norm, f32/bf16)', () => {
+test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias, qwen3 q/k norm, padding)', () => {
   const built: (DecodePlan | null)[] = [];
   const orig = DecodePlan.build;
   DecodePlan.build = (m, b) => {
@@ -324,22 +324,31 @@ test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias,
           for (let i = 0; i < want.length; i++)
             assert.deepEqual(got[i], want[i], `${model_type} ${dtype} batch ${batch}: logits ${i} differ`);
         }
-        // padded rows need the key mask: the module forward
+        // left-padded rows: the plan passes the key mask to attention as the module forward does
+        const padded = (usePlan: boolean) => {
+          const s = new DecodeSession(m, 2, 16, undefined, usePlan);
+          const out = [
+            ...s.step(
+              [
+                [0, 5, 6],
+                [7, 8, 9],
+              ],
+              [
+                [0, 1, 1],
+                [1, 1, 1],
+              ],
+            ),
+          ];
+          for (let i = 0; i < 3; i++) out.push(...s.step([[1 + i], [2 + i]]));
+          s.dispose();
+          return out;
+        };
         built.length = 0;
-        const s = new DecodeSession(m, 2, 16);
-        s.step(
-          [
-            [0, 5, 6],
-            [7, 8, 9],
-          ],
-          [
-            [0, 1, 1],
-            [1, 1, 1],
-          ],
-        );
-        s.step([[1], [2]]);
-        s.dispose();
-        assert.equal(built.length, 0, 'padding: no plan');
+        const pw = padded(false);
+        const pg = padded(true);
+        assert.equal(built.filter((p) => p).length, 1, 'padding: one plan');
+        for (let i = 0; i < pw.length; i++)
+          assert.deepEqual(pg[i], pw[i], `${model_type} ${dtype} padded: logits ${i} differ`);
         // without the decoding layout there is nothing fused: no plan
         const plain = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype });
         assert.equal(DecodePlan.build(plain, 1), null);
