@@ -92,6 +92,17 @@ void pack_a_t(const Operand& A, int64_t i0, int64_t mb, int64_t k0, int64_t kc, 
           memcpy(dst + (k + t) * MR, tmp, MR * sizeof(float));
         }
       }
+    } else if (A.rs == 1) {
+      // A stored along its rows (the transposed operand of a weight gradient): each k's MR values are adjacent
+      const int64_t base = k0 * A.cs + i0 + is;
+      const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rows), lanes);  // lanes < rows (then zero)
+      const __m256i out = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR), lanes);        // the sliver's MR lanes
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t at = base + k * A.cs;
+        const __m256 v = DT == kF32 ? _mm256_maskload_ps((const float*)A.p + at, in) : load8n<DT>(A.p, at, rows);
+        _mm256_maskstore_ps(dst + k * MR, out, v);
+      }
     } else {
       pack_a_sliver_scalar<DT>(A, i0 + is, rows, k0, kc, dst, MR);
     }
