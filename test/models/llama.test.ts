@@ -234,19 +234,25 @@ test('lowrank init-model writes an HF dir that loads and tokenizes', async () =>
   }
 });
 
+/** A two-layer model of the given architecture (GQA) for the decoding tests. */
+function smallConfig(model_type: string, tied: boolean, head_dim = 12) {
+  return configFromHF({
+    model_type,
+    vocab_size: 300,
+    hidden_size: 48,
+    intermediate_size: 80,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    head_dim,
+    tie_word_embeddings: tied,
+  });
+}
+
 test('the decoding layout gives bit-identical logits (tied and untied heads, f32 and bf16, batch 1 to 6)', () => {
   for (const tied of [true, false])
     for (const dtype of ['f32', 'bf16'] as const) {
-      const cfg = configFromHF({
-        model_type: 'qwen2',
-        vocab_size: 300,
-        hidden_size: 48,
-        intermediate_size: 80,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        tie_word_embeddings: tied,
-      });
+      const cfg = smallConfig('qwen2', tied);
       const make = () => new LlamaForCausalLM(cfg, { rng: new Rng(7), dtype });
       const plain = make();
       const laid = make();
@@ -290,17 +296,7 @@ test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias,
   try {
     for (const model_type of ['llama', 'qwen2', 'qwen3'])
       for (const dtype of ['f32', 'bf16'] as const) {
-        const cfg = configFromHF({
-          model_type,
-          vocab_size: 300,
-          hidden_size: 48,
-          intermediate_size: 80,
-          num_hidden_layers: 2,
-          num_attention_heads: 4,
-          num_key_value_heads: 2,
-          head_dim: 16,
-          tie_word_embeddings: model_type !== 'llama',
-        });
+        const cfg = smallConfig(model_type, model_type !== 'llama', 16); // 16: attention reads V in place
         const m = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype });
         m.useDecodeLayout();
         for (const batch of [1, 3]) {
