@@ -97,11 +97,13 @@ void pack_a_t(const Operand& A, int64_t i0, int64_t mb, int64_t k0, int64_t kc, 
       const int64_t base = k0 * A.cs + i0 + is;
       const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)rows), lanes);  // lanes < rows (then zero)
-      const __m256i out = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR), lanes);        // the sliver's MR lanes
+      static_assert(MR == 6, "a sliver row is stored as 4 + 2 lanes");
       for (int64_t k = 0; k < kc; ++k) {
         const int64_t at = base + k * A.cs;
         const __m256 v = DT == kF32 ? _mm256_maskload_ps((const float*)A.p + at, in) : load8n<DT>(A.p, at, rows);
-        _mm256_maskstore_ps(dst + k * MR, out, v);
+        // two plain stores: a masked store is microcoded on AMD (tens of cycles)
+        _mm_storeu_ps(dst + k * MR, _mm256_castps256_ps128(v));
+        _mm_storel_pi((__m64*)(dst + k * MR + 4), _mm256_extractf128_ps(v, 1));
       }
     } else {
       pack_a_sliver_scalar<DT>(A, i0 + is, rows, k0, kc, dst, MR);
@@ -151,8 +153,10 @@ void pack_b(const Operand& B, int64_t k0, int64_t kc, int64_t j0, int64_t nb, fl
   else pack_b_t<kF16>(B, k0, kc, j0, nb, Bp);
 }
 
-void ukr(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c, int64_t ldc, int mr,
-         int nr, float alpha, float beta) {
+// Always inlined into gemm_rect: called out of line (as GCC chose once pack_a grew) it ran at half speed.
+__attribute__((always_inline)) inline void ukr(int64_t kc, const float* __restrict a, const float* __restrict b,
+                                               float* __restrict c, int64_t ldc, int mr, int nr, float alpha,
+                                               float beta) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {

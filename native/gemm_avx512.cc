@@ -178,8 +178,9 @@ void pack_b(const Operand& B, int64_t k0, int64_t kc, int64_t j0, int64_t nb, fl
 }
 
 // C[0:mr, 0:nr] = alpha * sum_k a[k*MR + i] * b[k*NR + j] + beta * C (C not read when beta == 0).
-void ukr(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c, int64_t ldc, int mr,
-         int nr, float alpha, float beta) {
+__attribute__((always_inline)) inline void ukr(int64_t kc, const float* __restrict a, const float* __restrict b,
+                                               float* __restrict c, int64_t ldc, int mr, int nr, float alpha,
+                                               float beta) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) {

@@ -48,8 +48,9 @@ void pack_b(const Operand& B, int64_t k0, int64_t kc, int64_t j0, int64_t nb, fl
 
 // The accumulators never have their address taken inside the loop, so the compiler keeps them in vector
 // registers (4 x 8 floats = 8 SSE or NEON registers).
-void ukr(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c, int64_t ldc, int mr,
-         int nr, float alpha, float beta) {
+__attribute__((always_inline)) inline void ukr(int64_t kc, const float* __restrict a, const float* __restrict b,
+                                               float* __restrict c, int64_t ldc, int mr, int nr, float alpha,
+                                               float beta) {
   float acc[MR][NR] = {};
   for (int64_t k = 0; k < kc; ++k) {
 #pragma GCC unroll 4
