@@ -6,6 +6,7 @@ import { RequestError } from '../core/errors.ts';
 import { Rng } from '../core/rng.ts';
 import { tidy } from '../core/scope.ts';
 import type { Tensor } from '../core/tensor.ts';
+import { Module } from '../nn/module.ts';
 import { intTensor } from '../ops/create.ts';
 import { slice } from '../ops/shape.ts';
 import { noGrad } from '../ops/tape.ts';
@@ -105,7 +106,11 @@ export class DecodeSession {
         this.plan.dispose();
         this.plan = null;
       }
-      this.plan ??= DecodePlan.build(this.model, B);
+      // a model the plan does not cover is checked again only once its modules change
+      if (!this.plan && this.noPlanAt !== Module.structureVersion) {
+        this.plan = DecodePlan.build(this.model, B);
+        if (!this.plan) this.noPlanAt = Module.structureVersion;
+      }
       if (this.plan) {
         const plan = this.plan;
         return noGrad(() => tidy(() => plan.step(this.cache, ids, pos, keyMask())));
@@ -132,6 +137,7 @@ export class DecodeSession {
   }
 
   private plan: DecodePlan | null = null;
+  private noPlanAt = -1;
   /** Whether any row holds padding (then every step needs the key mask). */
   private paddedRows = false;
 
