@@ -65,25 +65,19 @@ export class KvScratch {
 
   constructor(private readonly cfg: ModelConfig) {}
 
-  /** K and V views [B, Tk, Hkv, D] over buffers at least that large. */
-  views(B: number, Tk: number): { k: Tensor; v: Tensor } {
+  /** K and V stored [b >= B, Hkv, t >= Tk, D] (head-major, as the sequences' caches). */
+  stores(B: number, Tk: number): { k: Tensor; v: Tensor } {
     const cur = this.k;
-    if (!cur || cur.shape[0]! < B || cur.shape[1]! < Tk) {
+    if (!cur || cur.shape[0]! < B || cur.shape[2]! < Tk) {
       const b = Math.max(B, cur?.shape[0] ?? 0);
       // grow the time axis geometrically: decoding adds one position per step
-      const t = Math.max(Tk, Math.ceil((cur?.shape[1] ?? 0) * 1.5), 64);
+      const t = Math.max(Tk, Math.ceil((cur?.shape[2] ?? 0) * 1.5), 64);
       this.dispose();
-      const shape = [b, this.cfg.num_key_value_heads, t, this.cfg.head_dim]; // head-major (positionsView)
+      const shape = [b, this.cfg.num_key_value_heads, t, this.cfg.head_dim];
       this.k = keep(empty(shape));
       this.v = keep(empty(shape));
     }
-    const sub = (X: Tensor) => {
-      const rows = X.view([B, X.shape[1]!, X.shape[2]!, X.shape[3]!], X.strides, 0);
-      const v = positionsView(rows, 0, Tk);
-      rows.dispose();
-      return v;
-    };
-    return { k: sub(this.k!), v: sub(this.v!) };
+    return { k: this.k!, v: this.v! };
   }
 
   get bytes(): number {
@@ -176,25 +170,32 @@ export class BatchKV implements KVCache {
       const n = this.totals[0]!;
       return { k: positionsView(r.kv.k[l]!, 0, n), v: positionsView(r.kv.v[l]!, 0, n) };
     }
-    const out = this.scratch.views(this.batch, this.Tk);
+    // every row's keys right-aligned in the batch's buffers, a run of n * D values per head (both head-major)
+    const st = this.scratch.stores(this.batch, this.Tk);
     this.rows.forEach((r, b) => {
       const n = this.totals[b]!;
       for (const [cache, dst] of [
-        [r.kv.k[l]!, out.k],
-        [r.kv.v[l]!, out.v],
+        [r.kv.k[l]!, st.k],
+        [r.kv.v[l]!, st.v],
       ] as const) {
-        const from = positionsView(cache, 0, n);
+        const from = cache.view([1, H, n, D], [cache.strides[0]!, cache.strides[1]!, D, 1], cache.offset);
         const to = dst.view(
-          [1, n, H, D],
-          dst.strides,
-          dst.offset + b * dst.strides[0]! + (this.Tk - n) * dst.strides[1]!,
+          [1, H, n, D],
+          [dst.strides[0]!, dst.strides[1]!, D, 1],
+          dst.offset + b * dst.strides[0]! + (this.Tk - n) * D,
         );
         be.copy(from, to);
         from.dispose();
         to.dispose();
       }
     });
-    return out;
+    const batchView = (X: Tensor) => {
+      const rows = X.view([this.batch, H, X.shape[2]!, D], X.strides, X.offset);
+      const v = positionsView(rows, 0, this.Tk);
+      rows.dispose();
+      return v;
+    };
+    return { k: batchView(st.k), v: batchView(st.v) };
   }
 
   /** Advances every row's length once the forward has run. */
