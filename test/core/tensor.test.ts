@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { jsBackend } from '../../src/backend/cpu/js.ts';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from '../../src/core/dtype.ts';
 import { LifetimeError, ShapeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
@@ -94,4 +95,22 @@ test('fromTyped checks sizes; rng is reproducible and serialisable', () => {
   a.setState(st);
   assert.deepEqual([a.normal(), a.normal(), a.uniform()], n1);
   assert.notDeepEqual(new Rng(1).nextU32(), new Rng(2).nextU32());
+});
+
+test('the reference copy between views whose rows are contiguous but not each other (a KV-cache write)', () => {
+  const src = Tensor.fromTyped(
+    Float32Array.from({ length: 2 * 3 * 7 }, (_, i) => i),
+    [2, 3, 7],
+  ).view([2, 3, 4], [21, 7, 1], 2); // rows of 4 out of 7, from element 2
+  const dst = empty([2, 5, 3, 4]).view([2, 3, 4], [60, 4, 1], 8); // position 0 of a [2, ., 3, 4] buffer, row 2
+  jsBackend.copy(src, dst);
+  for (let b = 0; b < 2; b++)
+    for (let r = 0; r < 3; r++)
+      for (let c = 0; c < 4; c++)
+        assert.equal((dst.data as Float32Array)[8 + b * 60 + r * 4 + c], 2 + b * 21 + r * 7 + c, `${b} ${r} ${c}`);
+  // nothing else written (every copied value is >= 2)
+  const all = dst.data as Float32Array;
+  let written = 0;
+  for (let i = 0; i < all.length; i++) if (all[i] !== 0) written++;
+  assert.equal(written, 2 * 3 * 4);
 });

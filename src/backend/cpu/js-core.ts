@@ -65,6 +65,27 @@ function copy(src: Tensor, dst: Tensor): void {
     out.set(sd.subarray(src.offset, src.offset + src.size), dst.offset);
     return;
   }
+  const nd = src.ndim;
+  if (same && nd >= 2 && src.strides[nd - 1] === 1 && dst.strides[nd - 1] === 1) {
+    // rows contiguous on both sides (a KV-cache write): one typed-array copy per row
+    const inner = src.shape[nd - 1]!;
+    const outer = src.size / inner;
+    let si = src.offset;
+    let di = dst.offset;
+    const idx = new Array<number>(nd - 1).fill(0);
+    for (let r = 0; r < outer; r++) {
+      out.set(sd.subarray(si, si + inner), di);
+      for (let d = nd - 2; d >= 0; d--) {
+        si += src.strides[d]!;
+        di += dst.strides[d]!;
+        if (++idx[d]! < src.shape[d]!) break;
+        si -= src.strides[d]! * src.shape[d]!;
+        di -= dst.strides[d]! * dst.shape[d]!;
+        idx[d] = 0;
+      }
+    }
+    return;
+  }
   let dIdx: Int32Array | null = null;
   if (!dst.isContiguous()) {
     const di = new Int32Array(dst.size);

@@ -394,10 +394,8 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     },
     copy(src: Tensor, dst: Tensor) {
       const sameDt = src.dtype === dst.dtype;
-      // small contiguous copies stay in JavaScript (a typed-array set); strided ones of any size come here, the
-      // reference walking them element by element (a decode step's KV-cache writes)
-      const small = src.size < SMALL && src.isContiguous() && dst.isContiguous();
-      if (small || (!sameDt && !(isFloatDt(src) && isFloatDt(dst))) || src.size !== dst.size) return js.copy(src, dst);
+      if (src.size < SMALL || (!sameDt && !(isFloatDt(src) && isFloatDt(dst))) || src.size !== dst.size)
+        return js.copy(src, dst);
       if (src.shape.length !== dst.shape.length || src.shape.some((d, i) => d !== dst.shape[i]))
         return js.copy(src, dst);
       const c = collapseDims(src.shape, [src.strides, dst.strides]);
