@@ -9,6 +9,7 @@
 
 import type { GemmArgs } from '../backend/backend.ts';
 import { getBackend } from '../backend/index.ts';
+import { ShapeError } from '../core/errors.ts';
 import { keep } from '../core/scope.ts';
 import type { Tensor } from '../core/tensor.ts';
 import { Module } from '../nn/module.ts';
@@ -168,6 +169,8 @@ export class DecodePlan {
    * cache's length advances by one. keyMask: i32 [B, length + 1] (1 = attend) where rows hold padding.
    */
   step(cache: KVCache, ids: readonly number[], pos: readonly number[], keyMask: Tensor | null = null): Float32Array[] {
+    if (cache.length + 1 > cache.capacity)
+      throw new ShapeError(`KV cache: ${cache.length + 1} positions exceed its capacity ${cache.capacity}`);
     const be = getBackend();
     const cfg = this.model.config;
     const B = this.batch;

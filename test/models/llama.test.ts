@@ -345,6 +345,14 @@ test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias,
         assert.equal(built.filter((p) => p).length, 1, 'padding: one plan');
         for (let i = 0; i < pw.length; i++)
           assert.deepEqual(pg[i], pw[i], `${model_type} ${dtype} padded: logits ${i} differ`);
+        // a full cache is the same error either way
+        for (const usePlan of [false, true]) {
+          const s = new DecodeSession(m, 1, 4, undefined, usePlan);
+          s.step([[1, 2, 3]]);
+          s.step([[4]]);
+          assert.throws(() => s.step([[5]]), /5 positions exceed its capacity 4/);
+          s.dispose();
+        }
         // without the decoding layout there is nothing fused: no plan
         const plain = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype });
         assert.equal(DecodePlan.build(plain, 1), null);
