@@ -143,6 +143,10 @@ class Pool {
       uint64_t g;
       auto t0 = std::chrono::steady_clock::now();
       for (int i = 1; (g = gen_.load()) == seen; ++i) {
+        if (read_ahead().read_chunk()) {  // between tasks: the next weights of a decoding step into the cache
+          t0 = std::chrono::steady_clock::now();
+          continue;
+        }
         cpu_relax();
         if (i % 64 == 0 &&
             std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count() >
