@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -47,19 +48,23 @@ constexpr double kMaxInt = 9007199254740991.0;
 struct Args {
   const Napi::CallbackInfo& info;
   const char* fn;
+  size_t base = 0;   // where this op's arguments start in info (a plan's planAdd has two before them)
+  int64_t dyn = 0;   // > 0: a plan's op whose KV position advances with the step's L (see planDynamic)
   Napi::Env env() const { return info.Env(); }
+  Napi::Value arg(size_t i) const { return info[base + i]; }
+  size_t nargs() const { return info.Length() > base ? info.Length() - base : 0; }
 
   [[noreturn]] void fail_type(size_t i, const std::string& what) const {
     type_error(env(), std::string(fn) + ": argument " + std::to_string(i) + " " + what);
   }
   void count(size_t n) const {
-    if (info.Length() != n)
+    if (nargs() != n)
       type_error(env(), std::string(fn) + " takes " + std::to_string(n) + " arguments, got " +
-                            std::to_string(info.Length()));
+                            std::to_string(nargs()));
   }
   double num(size_t i) const {
-    if (i >= info.Length() || !info[i].IsNumber()) fail_type(i, "must be a number");
-    return info[i].As<Napi::Number>().DoubleValue();
+    if (i >= nargs() || !arg(i).IsNumber()) fail_type(i, "must be a number");
+    return arg(i).As<Napi::Number>().DoubleValue();
   }
   int64_t integer(size_t i, int64_t min = 0) const {
     const double v = num(i);
@@ -70,16 +75,16 @@ struct Args {
     return (int64_t)v;
   }
   bool flag(size_t i) const {
-    if (i < info.Length() && info[i].IsBoolean()) return info[i].As<Napi::Boolean>().Value();
+    if (i < nargs() && arg(i).IsBoolean()) return arg(i).As<Napi::Boolean>().Value();
     const double v = num(i);
     return v != 0.0;
   }
-  bool is_null(size_t i) const { return i >= info.Length() || info[i].IsNull() || info[i].IsUndefined(); }
+  bool is_null(size_t i) const { return i >= nargs() || arg(i).IsNull() || arg(i).IsUndefined(); }
   // A typed array of the given kind: 'f' Float32Array, 'h' Uint16Array, 'i' Int32Array, 'b' Uint8Array,
   // 'd' Float64Array. Returns its data and element count.
   void* array(size_t i, char kind, int64_t* length) const {
-    if (i >= info.Length() || !info[i].IsTypedArray()) fail_type(i, "must be a typed array");
-    Napi::TypedArray ta = info[i].As<Napi::TypedArray>();
+    if (i >= nargs() || !arg(i).IsTypedArray()) fail_type(i, "must be a typed array");
+    Napi::TypedArray ta = arg(i).As<Napi::TypedArray>();
     napi_typedarray_type want = napi_float32_array;
     const char* name = "Float32Array";
     switch (kind) {
@@ -127,6 +132,22 @@ int64_t to_i(const Args& a, double v, const char* what, int64_t min = 0) {
   return (int64_t)v;
 }
 
+// A plan's step: its L (positions already in the KV cache) and key mask; ops that do not depend on them
+// ignore it. Ops called directly run with L = 0 and no mask.
+struct Dyn {
+  Napi::Env env;
+  int64_t L;
+  const int32_t* mask;  // i32 [B, Tk] for a dynamic attention, or null
+  int64_t mask_len;     // elements available at mask
+};
+// An op with its arguments checked and converted: run now (an entry point) or at every step (a plan).
+using Thunk = std::function<void(const Dyn&)>;
+
+Napi::Value run_now(const Args& a, const Thunk& t) {
+  if (t) t(Dyn{a.env(), 0, nullptr, 0});
+  return a.env().Undefined();
+}
+
 // A strided view (desc: ndim, shape[4], strides[4] at `at`): fills s, st; returns the touched range relative
 // to the offset [lo, hi) (empty when the view is empty).
 void strided(const Args& a, const double* d, int at_strides, Strided4& s, int64_t st[4], int64_t* lo, int64_t* hi) {
@@ -154,8 +175,7 @@ void strided(const Args& a, const double* d, int at_strides, Strided4& s, int64_
 // ---- core -------------------------------------------------------------------------------------------------
 
 // binary(op, a, aOff, b, bOff, out, outOff, desc[13] = ndim, shape[4], aStrides[4], bStrides[4])
-Napi::Value Binary(const Napi::CallbackInfo& info) {
-  Args a{info, "binary"};
+Thunk prep_binary(const Args& a) {
   a.count(8);
   const int op = (int)a.integer(0);
   if (op > kEq) range_error(a.env(), "binary: unknown op");
@@ -167,12 +187,20 @@ Napi::Value Binary(const Napi::CallbackInfo& info) {
   int64_t n = 1;
   for (int k = 0; k < s.ndim; ++k) n *= s.shape[k];
   const int64_t aOff = a.integer(2), bOff = a.integer(4), oOff = a.integer(6);
-  if (n == 0) return a.env().Undefined();
+  if (n == 0) return nullptr;
   const float* pa = a.f32(1, aOff + alo, ahi - alo) - alo;
   const float* pb = a.f32(3, bOff + blo, bhi - blo) - blo;
   float* po = a.f32(5, oOff, n);
-  ops()->binary(op, s, pa, as, pb, bs, po, threads());
-  return a.env().Undefined();
+  return [=](const Dyn&) {
+    int64_t as2[4], bs2[4];
+    memcpy(as2, as, sizeof as2);
+    memcpy(bs2, bs, sizeof bs2);
+    ops()->binary(op, s, pa, as2, pb, bs2, po, threads());
+  };
+}
+Napi::Value Binary(const Napi::CallbackInfo& info) {
+  Args a{info, "binary"};
+  return run_now(a, prep_binary(a));
 }
 
 // unary(op, x, xOff, out, outOff, n, scalar)
@@ -202,8 +230,7 @@ Napi::Value Reduce(const Napi::CallbackInfo& info) {
 }
 
 // copy(src, srcOff, srcDtype, dst, dstOff, dstDtype, desc[13] = ndim, shape[4], srcStrides[4], dstStrides[4])
-Napi::Value Copy(const Napi::CallbackInfo& info) {
-  Args a{info, "copy"};
+Thunk prep_copy(const Args& a) {
   a.count(7);
   const int sdt = a.dtype(2, 4), ddt = a.dtype(5, 4);
   if (sdt != ddt && (sdt > 2 || ddt > 2)) range_error(a.env(), "copy: integer dtypes copy only to themselves");
@@ -212,12 +239,34 @@ Napi::Value Copy(const Napi::CallbackInfo& info) {
   int64_t ss[4], ds[4], slo, shi, dlo, dhi;
   strided(a, d, 5, s, ss, &slo, &shi);
   strided(a, d, 9, s, ds, &dlo, &dhi);
-  if (shi == 0) return a.env().Undefined();
+  if (shi == 0) return nullptr;
   const int se = Args::esize(sdt), de = Args::esize(ddt);
   const char* ps = (const char*)a.span(0, sdt, a.integer(1) + slo, shi - slo) - slo * se;
   char* pd = (char*)a.span(3, ddt, a.integer(4) + dlo, dhi - dlo) - dlo * de;
-  ops()->copy(s, ps, sdt, ss, pd, ddt, ds, threads());
-  return a.env().Undefined();
+  // a plan's write into the KV cache: L * step elements further at each step, inside the array
+  const int64_t step = a.dyn;
+  int64_t room = 0;
+  if (step > 0) {
+    int64_t len = 0;
+    a.array(3, Args::kind_of(ddt), &len);
+    room = len - (a.integer(4) + dhi);
+  }
+  const char* fn = a.fn;
+  return [=](const Dyn& y) {
+    int64_t ss2[4], ds2[4];
+    memcpy(ss2, ss, sizeof ss2);
+    memcpy(ds2, ds, sizeof ds2);
+    char* to = pd;
+    if (step > 0) {
+      if (y.L < 0 || y.L > room / step) range_error(y.env, std::string(fn) + ": position beyond the cache");
+      to += y.L * step * de;
+    }
+    ops()->copy(s, ps, sdt, ss2, to, ddt, ds2, threads());
+  };
+}
+Napi::Value Copy(const Napi::CallbackInfo& info) {
+  Args a{info, "copy"};
+  return run_now(a, prep_copy(a));
 }
 
 // fill(dst, off, n, dtype, value): f32 value, or the raw bits for bf16/f16
@@ -295,8 +344,7 @@ void check_mat(const Args& a, size_t arg, int dt, int64_t rows, int64_t cols, in
 }
 
 // gemmRows: the arguments of gemmBatched (native-addon.ts), with the row-invariant semantics of ops_gemm.h.
-Napi::Value GemmRows(const Napi::CallbackInfo& info) {
-  Args a{info, "gemmRows"};
+Thunk prep_gemm_rows(const Args& a) {
   a.count(22);
   const int64_t batch = a.integer(0);
   const bool ta = a.flag(1), tb = a.flag(2);
@@ -308,7 +356,7 @@ Napi::Value GemmRows(const Napi::CallbackInfo& info) {
   const int bdt = a.dtype(16);
   const float beta = (float)a.num(17);
   const int64_t cOff = a.integer(19), ldc = a.integer(20, 1), sC = a.integer(21);
-  if (batch == 0) return a.env().Undefined();
+  if (batch == 0) return nullptr;
   const uint8_t *a0, *a1, *b0, *b1, *c0, *c1;
   const void *pa, *pb, *pc;
   check_mat(a, 7, adt, ta ? K : M, ta ? M : K, lda, aOff, batch, sA, "A", &a0, &a1, &pa);
@@ -335,15 +383,17 @@ Napi::Value GemmRows(const Napi::CallbackInfo& info) {
   r.sa = sA;
   r.sb = sB;
   r.sc = sC;
-  ops()->gemm_rows(r, threads());
-  return a.env().Undefined();
+  return [=](const Dyn&) { ops()->gemm_rows(r, threads()); };
+}
+Napi::Value GemmRows(const Napi::CallbackInfo& info) {
+  Args a{info, "gemmRows"};
+  return run_now(a, prep_gemm_rows(a));
 }
 
 // ---- norm, rope, activations, softmax ---------------------------------------------------------------------
 
 // rmsNormForward(x, xOff, w, wOff, wDtype, y, yOff, rstd, rOff, rows, dim, eps)
-Napi::Value RmsNormForward(const Napi::CallbackInfo& info) {
-  Args a{info, "rmsNormForward"};
+Thunk prep_rmsnorm_fwd(const Args& a) {
   a.count(12);
   const int64_t rows = a.integer(9), dim = a.integer(10);
   const int wdt = a.dtype(4);
@@ -351,8 +401,12 @@ Napi::Value RmsNormForward(const Napi::CallbackInfo& info) {
   const void* w = a.span(2, wdt, a.integer(3), dim);
   float* y = a.f32(5, a.integer(6), rows * dim);
   float* rs = a.f32(7, a.integer(8), rows);
-  ops()->rmsnorm_fwd(x, w, wdt, y, rs, rows, dim, a.num(11), threads());
-  return a.env().Undefined();
+  const double eps = a.num(11);
+  return [=](const Dyn&) { ops()->rmsnorm_fwd(x, w, wdt, y, rs, rows, dim, eps, threads()); };
+}
+Napi::Value RmsNormForward(const Napi::CallbackInfo& info) {
+  Args a{info, "rmsNormForward"};
+  return run_now(a, prep_rmsnorm_fwd(a));
 }
 
 // rmsNormBackward(g, gOff, x, xOff, w, wOff, wDtype, rstd, rOff, dx|null, dxOff, dw|null, dwOff, rows, dim)
@@ -372,8 +426,7 @@ Napi::Value RmsNormBackward(const Napi::CallbackInfo& info) {
 }
 
 // rope(x, xOff, pos, posOff, invFreq, fOff, half, out, outOff, bt, H, D, sign)
-Napi::Value Rope(const Napi::CallbackInfo& info) {
-  Args a{info, "rope"};
+Thunk prep_rope(const Args& a) {
   a.count(13);
   const int64_t half = a.integer(6), bt = a.integer(9), H = a.integer(10), D = a.integer(11);
   if (2 * half > D) range_error(a.env(), "rope: rotary dims exceed the head dim");
@@ -381,17 +434,26 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
   const int32_t* pos = a.i32(2, a.integer(3), bt);
   const float* f = a.f32(4, a.integer(5), half);
   float* o = a.f32(7, a.integer(8), bt * H * D);
-  ops()->rope(x, pos, f, half, o, bt, H, D, a.num(12) < 0 ? -1 : 1, threads());
-  return a.env().Undefined();
+  const int sign = a.num(12) < 0 ? -1 : 1;
+  return [=](const Dyn&) { ops()->rope(x, pos, f, half, o, bt, H, D, sign, threads()); };
+}
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  Args a{info, "rope"};
+  return run_now(a, prep_rope(a));
 }
 
 // swigluForward(gate, gOff, up, uOff, out, oOff, n)
-Napi::Value SwigluForward(const Napi::CallbackInfo& info) {
-  Args a{info, "swigluForward"};
+Thunk prep_swiglu_fwd(const Args& a) {
   a.count(7);
   const int64_t n = a.integer(6);
-  ops()->swiglu_fwd(a.f32(0, a.integer(1), n), a.f32(2, a.integer(3), n), a.f32(4, a.integer(5), n), n, threads());
-  return a.env().Undefined();
+  const float* g = a.f32(0, a.integer(1), n);
+  const float* u = a.f32(2, a.integer(3), n);
+  float* o = a.f32(4, a.integer(5), n);
+  return [=](const Dyn&) { ops()->swiglu_fwd(g, u, o, n, threads()); };
+}
+Napi::Value SwigluForward(const Napi::CallbackInfo& info) {
+  Args a{info, "swigluForward"};
+  return run_now(a, prep_swiglu_fwd(a));
 }
 
 // swigluBackward(g, gOff, gate, gaOff, up, uOff, dGate|null, dgOff, dUp|null, duOff, n)
@@ -470,15 +532,43 @@ void parse_attn(const Args& a, size_t at, AttnArgs& r, const double* d) {
 }
 
 // attentionForward(q, qdt, k, kdt, v, vdt, mask|null, maskI32, seq|null, out, outOff, lse, lseOff, desc)
-Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
-  Args a{info, "attentionForward"};
+Thunk prep_attn_fwd(const Args& a) {
   a.count(14);
   AttnArgs r;
-  parse_attn(a, 0, r, a.desc(13, 22));
+  const double* d = a.desc(13, 22);
+  parse_attn(a, 0, r, d);
   float* out = a.f32(9, a.integer(10), r.B * r.Tq * r.Hq * r.D);
   float* lse = a.f32(11, a.integer(12), r.B * r.Hq * r.Tq);
-  ops()->attn_fwd(r, out, lse, threads());
-  return a.env().Undefined();
+  if (a.dyn <= 0) return [=](const Dyn&) { ops()->attn_fwd(r, out, lse, threads()); };
+  // a plan's attention over the KV cache: Tk = (the recorded Tk) + L, the key mask the step's
+  if (r.key_mask || r.seq_ids) range_error(a.env(), "planAdd: a dynamic attention takes its key mask from planRun");
+  int64_t room[2];
+  for (int t = 0; t < 2; ++t) {
+    int64_t len = 0;
+    a.array(2 + 2 * t, Args::kind_of(t ? r.vdt : r.kdt), &len);
+    room[t] = len - to_i(a, d[10 + 4 * t], "offset");
+  }
+  const char* fn = a.fn;
+  return [=](const Dyn& y) {
+    AttnArgs q = r;
+    if (y.L < 0) range_error(y.env, std::string(fn) + ": negative position");
+    q.Tk = r.Tk + y.L;
+    for (int t = 0; t < 2; ++t) {
+      const int64_t* st = t ? q.vs : q.ks;
+      const int64_t last = (q.B - 1) * st[0] + (q.Tk - 1) * st[1] + (q.Hkv - 1) * st[2] + q.D;
+      if (q.B > 0 && last > room[t]) range_error(y.env, std::string(fn) + ": keys beyond the cache");
+    }
+    if (y.mask) {
+      if (y.mask_len < q.B * q.Tk) range_error(y.env, std::string(fn) + ": key mask shorter than B x Tk");
+      q.key_mask = y.mask;
+      q.mask_i32 = 1;
+    }
+    ops()->attn_fwd(q, out, lse, threads());
+  };
+}
+Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
+  Args a{info, "attentionForward"};
+  return run_now(a, prep_attn_fwd(a));
 }
 
 // attentionBackward(q, qdt, k, kdt, v, vdt, mask|null, maskI32, seq|null, out, outOff, lse, lseOff, gOut, gOff,
@@ -769,6 +859,95 @@ Napi::Value AllocStreamed(const Napi::CallbackInfo& info) {
       new size_t(n));
 }
 
+// ---- plans ------------------------------------------------------------------------------------------------
+//
+// A fixed list of op calls, checked and converted once, run by one call per step: a decoding step of the
+// 135m shape is ~400 small kernels, and calling each from JavaScript cost about as much as the kernels
+// besides the products (src/models/decode-plan.ts). planAdd(plan, name, ...the op's own arguments) records
+// a call as the entry point of that name would make it; the plan keeps every array it was given alive. The
+// op after planDynamic(plan, step) depends on the step's L: a copy writes L * step elements further on (the
+// new position of a KV cache), an attention sees L more keys and the step's key mask.
+
+struct Plan {
+  std::vector<Thunk> ops;
+  std::vector<Napi::Reference<Napi::Value>> keep;
+  int64_t dyn = 0;
+  bool freed = false;
+};
+
+Plan* plan_of(const Napi::CallbackInfo& info, const char* fn, bool freed_ok = false) {
+  if (info.Length() < 1 || !info[0].IsExternal()) type_error(info.Env(), std::string(fn) + ": argument 0 must be a plan");
+  Plan* p = info[0].As<Napi::External<Plan>>().Data();
+  if (!p || (p->freed && !freed_ok)) range_error(info.Env(), std::string(fn) + ": the plan was freed");
+  return p;
+}
+
+Napi::Value PlanCreate(const Napi::CallbackInfo& info) {
+  return Napi::External<Plan>::New(info.Env(), new Plan(), [](Napi::Env, Plan* p) { delete p; });
+}
+
+Napi::Value PlanAdd(const Napi::CallbackInfo& info) {
+  Plan* p = plan_of(info, "planAdd");
+  if (info.Length() < 2 || !info[1].IsString()) type_error(info.Env(), "planAdd: argument 1 must be an op name");
+  const std::string name = info[1].As<Napi::String>().Utf8Value();
+  struct Prep {
+    const char* name;
+    Thunk (*prep)(const Args&);
+  };
+  static const Prep preps[] = {
+      {"binary", prep_binary},       {"copy", prep_copy},         {"gemmRows", prep_gemm_rows},
+      {"rmsNormForward", prep_rmsnorm_fwd}, {"rope", prep_rope}, {"swigluForward", prep_swiglu_fwd},
+      {"attentionForward", prep_attn_fwd},
+  };
+  for (const Prep& q : preps) {
+    if (name != q.name) continue;
+    Args a{info, q.name, 2, p->dyn};
+    p->dyn = 0;
+    Thunk t = q.prep(a);
+    if (t) p->ops.push_back(std::move(t));
+    for (size_t i = 2; i < info.Length(); ++i)
+      if (info[i].IsTypedArray()) p->keep.push_back(Napi::Persistent(info[i]));
+    return info.Env().Undefined();
+  }
+  range_error(info.Env(), "planAdd: " + name + " cannot be part of a plan");
+}
+
+// planDynamic(plan, step): the next op added depends on the step's L (see above)
+Napi::Value PlanDynamic(const Napi::CallbackInfo& info) {
+  Plan* p = plan_of(info, "planDynamic");
+  Args a{info, "planDynamic", 1};
+  p->dyn = a.integer(0, 1);
+  return info.Env().Undefined();
+}
+
+// planRun(plan, L, mask|null, maskOff)
+Napi::Value PlanRun(const Napi::CallbackInfo& info) {
+  Plan* p = plan_of(info, "planRun");
+  Args a{info, "planRun", 1};
+  a.count(3);
+  Dyn y{info.Env(), a.integer(0), nullptr, 0};
+  if (!a.is_null(1)) {
+    int64_t len = 0;
+    const int32_t* m = (const int32_t*)a.array(1, 'i', &len);
+    const int64_t off = a.integer(2);
+    if (off > len) range_error(info.Env(), "planRun: mask offset beyond the mask");
+    y.mask = m + off;
+    y.mask_len = len - off;
+  }
+  for (const Thunk& t : p->ops) t(y);
+  return info.Env().Undefined();
+}
+
+// planFree(plan): drops the ops and the arrays now, not when the handle is collected (idempotent)
+Napi::Value PlanFree(const Napi::CallbackInfo& info) {
+  Plan* p = plan_of(info, "planFree", true);
+  p->freed = true;
+  p->ops.clear();
+  for (auto& r : p->keep) r.Reset();
+  p->keep.clear();
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 // Registers the op kernels on the addon's exports; get_isa returns 0 generic, 1 avx2, 2 avx512.
@@ -812,6 +991,11 @@ void init_ops(Napi::Env env, Napi::Object exports, int (*get_isa)(), int (*get_t
       {"opsIsa", OpsIsa},
       {"allocStreamed", AllocStreamed},
       {"_readAhead", ReadAheadBytes},
+      {"planCreate", PlanCreate},
+      {"planAdd", PlanAdd},
+      {"planDynamic", PlanDynamic},
+      {"planRun", PlanRun},
+      {"planFree", PlanFree},
   };
   for (const Fn& f : fns) exports.Set(f.name, Napi::Function::New(env, f.f, f.name));
 }

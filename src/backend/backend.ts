@@ -69,6 +69,13 @@ export type UnaryOp =
   | 'siluGrad';
 export type ReduceOp = 'sum' | 'max' | 'min';
 
+/** A recorded sequence of kernel calls (CoreKernels.recordPlan). */
+export interface RecordedPlan {
+  /** Runs the calls for L (see recordPlan); keyMask: i32 [B, Tk] for a dynamic attention, or null. */
+  run(L: number, keyMask: Tensor | null): void;
+  dispose(): void;
+}
+
 export interface CoreKernels {
   readonly name: string;
   readonly device: Device;
@@ -82,6 +89,13 @@ export interface CoreKernels {
    * system allows, which the backend reads ahead of the products that use it.
    */
   allocStreamed?(bytes: number): ArrayBuffer;
+  /**
+   * Optional: records the kernel calls `body` makes (which do not run) as a plan that one call replays, for
+   * a fixed sequence of calls made over and over (a decoding step: src/models/decode-plan.ts). Returns null
+   * when one of the calls has no recordable kernel. After `dynamic(step)` the next call depends on run's L:
+   * a copy writes L * step elements further on, an attention sees L more keys and run's key mask.
+   */
+  recordPlan?(body: (dynamic: (step: number) => void) => void): RecordedPlan | null;
   gemm(args: GemmArgs): void;
   /** dst = src, both any strides (same shape), converting dtype. */
   copy(src: Tensor, dst: Tensor): void;

@@ -7,7 +7,7 @@
 // step. It covers a plain model in the decoding layout (LlamaForCausalLM.decodeWeights); anything else
 // (adapters, GELU MLPs, a layer runner) takes the module forward.
 
-import type { GemmArgs } from '../backend/backend.ts';
+import type { Backend, GemmArgs, RecordedPlan } from '../backend/backend.ts';
 import { getBackend } from '../backend/index.ts';
 import { ShapeError } from '../core/errors.ts';
 import { keep } from '../core/scope.ts';
@@ -170,20 +170,60 @@ export class DecodePlan {
     if (cache.length + 1 > cache.capacity)
       throw new ShapeError(`KV cache: ${cache.length + 1} positions exceed its capacity ${cache.capacity}`);
     const be = getBackend();
+    (this.ids.data as Int32Array).set(ids);
+    (this.pos.data as Int32Array).set(pos);
+    be.embeddingForward(this.w.embed, this.ids, this.x, this.w.embed.shape[0]!, this.model.config.hidden_size);
+    const plan = DecodePlan.record ? this.recorded(be, cache) : null;
+    if (plan) plan.run(cache.length, keyMask);
+    else this.calls(be, cache, cache.length, keyMask, null);
+    this.replayed = plan !== null;
+    cache.length += 1;
+    const V = this.logits.shape[1]!;
+    const all = this.logits.data as Float32Array;
+    return Array.from({ length: this.batch }, (_, b) => all.slice(b * V, (b + 1) * V));
+  }
+
+  /**
+   * The backend's recording of the step's calls for this cache (one native call per step instead of ~400
+   * from JavaScript), or null where the backend records none. Recorded once per cache and backend.
+   */
+  private recorded(be: Backend, cache: KVCache): RecordedPlan | null {
+    const r = this.native;
+    if (r && r.cache === cache && r.be === be) return r.plan;
+    r?.plan?.dispose();
+    this.native = null;
+    const plan = be.recordPlan?.((dynamic) => this.calls(be, cache, 0, null, dynamic)) ?? null;
+    this.native = { cache, be, plan };
+    return plan;
+  }
+
+  private native: { cache: KVCache; be: Backend; plan: RecordedPlan | null } | null = null;
+  /** Whether steps replay the backend's recording where it makes one (tests turn it off to compare). */
+  static record = true;
+  /** Whether the last step ran as a replayed recording. */
+  replayed = false;
+
+  /**
+   * The step's kernel calls after the embedding, for L positions already in the cache. While recording
+   * (dynamic given), the calls that depend on L are marked and made for L = 0.
+   */
+  private calls(
+    be: Backend,
+    cache: KVCache,
+    L: number,
+    keyMask: Tensor | null,
+    dynamic: ((step: number) => void) | null,
+  ): void {
     const cfg = this.model.config;
     const B = this.batch;
     const { hidden_size: H, num_attention_heads: nh, head_dim: hd } = cfg;
     const eps = cfg.rms_norm_eps;
-    (this.ids.data as Int32Array).set(ids);
-    (this.pos.data as Int32Array).set(pos);
-    be.embeddingForward(this.w.embed, this.ids, this.x, this.w.embed.shape[0]!, H);
     const run = (p: Product) => {
       if (p.bias) be.copy(p.bias, p.args.c);
       be.gemm(p.args);
     };
     const [qv, kv, vv] = this.views.qkv as [Tensor, Tensor, Tensor];
     const scale = 1 / Math.sqrt(hd);
-    const L = cache.length;
     this.w.layers.forEach((lw, l) => {
       const lp = this.layers[l]!;
       be.rmsNormForward(this.x, lw.inputNorm, this.normed, this.rstd, B, H, eps);
@@ -208,12 +248,15 @@ export class DecodePlan {
       const Vc = cache.v[l]!;
       const kd = positionsView(K, L, 1);
       const vd = positionsView(Vc, L, 1);
+      dynamic?.(hd);
       be.copy(this.kRot, kd);
+      dynamic?.(hd);
       be.copy(vv, vd);
       kd.dispose();
       vd.dispose();
       const ka = positionsView(K, 0, L + 1);
       const va = positionsView(Vc, 0, L + 1);
+      dynamic?.(1);
       be.attentionForward({ q: this.qRot, k: ka, v: va, scale, keyMask, seqIds: null, window: 0 }, this.attn, this.lse);
       ka.dispose();
       va.dispose();
@@ -231,15 +274,13 @@ export class DecodePlan {
       run(lp.down);
       be.binary('add', this.h, this.proj, this.x);
     });
-    cache.length += 1;
     be.rmsNormForward(this.x, this.w.norm, this.normed, this.rstd, B, H, eps);
     run(this.head);
-    const V = this.logits.shape[1]!;
-    const all = this.logits.data as Float32Array;
-    return Array.from({ length: B }, (_, b) => all.slice(b * V, (b + 1) * V));
   }
 
   dispose(): void {
+    this.native?.plan?.dispose();
+    this.native = null;
     for (const t of this.owned) t.dispose();
     this.owned.length = 0;
   }

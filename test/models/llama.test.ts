@@ -3,6 +3,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { getBackend } from '../../src/backend/index.ts';
 import { ConfigError, FormatError, ShapeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { configFromHF, configToHF } from '../../src/models/config.ts';
@@ -317,8 +318,16 @@ test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias,
             [true],
             `${model_type} ${dtype}: one plan, built once`,
           );
-          for (let i = 0; i < want.length; i++)
+          // where the backend records plans, the steps above replayed the recording; compare the plan's own
+          // calls too
+          assert.equal(built[0]!.replayed, !!getBackend().recordPlan, 'replayed where the backend records');
+          DecodePlan.record = false;
+          const calls = run(true);
+          DecodePlan.record = true;
+          for (let i = 0; i < want.length; i++) {
             assert.deepEqual(got[i], want[i], `${model_type} ${dtype} batch ${batch}: logits ${i} differ`);
+            assert.deepEqual(calls[i], want[i], `${model_type} ${dtype} batch ${batch}: logits ${i} differ (calls)`);
+          }
         }
         // left-padded rows: the plan passes the key mask to attention as the module forward does
         const padded = (usePlan: boolean) => {
@@ -343,6 +352,7 @@ test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias,
         const pw = padded(false);
         const pg = padded(true);
         assert.equal(built.filter((p) => p).length, 1, 'padding: one plan');
+        assert.equal(built.find((p) => p)!.replayed, !!getBackend().recordPlan, 'padding: replayed');
         for (let i = 0; i < pw.length; i++)
           assert.deepEqual(pg[i], pw[i], `${model_type} ${dtype} padded: logits ${i} differ`);
         // a full cache is the same error either way

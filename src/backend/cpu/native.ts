@@ -7,7 +7,7 @@
 import { type DType, encodeScalar } from '../../core/dtype.ts';
 import { IndexError } from '../../core/errors.ts';
 import type { Tensor } from '../../core/tensor.ts';
-import type { Backend, BinaryOp, CoreKernels, GemmArgs, ReduceOp, UnaryOp } from '../backend.ts';
+import type { Backend, BinaryOp, CoreKernels, GemmArgs, RecordedPlan, ReduceOp, UnaryOp } from '../backend.ts';
 import type { AttentionArgs } from '../kernels/attention.ts';
 import type { LoraRowsGroup } from '../kernels/lora.ts';
 import type { Weight4bit } from '../kernels/quant.ts';
@@ -88,6 +88,11 @@ export interface NativeOps {
   dequantize4bitRows(...args: (number | boolean | OptArr | Float64Array)[]): void;
   opsIsa(): string;
   allocStreamed?(bytes: number): ArrayBuffer;
+  planCreate?(): object;
+  planAdd?(plan: object, name: string, ...args: unknown[]): void;
+  planDynamic?(plan: object, step: number): void;
+  planRun?(plan: object, L: number, mask: Int32Array | null, maskOff: number): void;
+  planFree?(plan: object): void;
   loraPackedFloats(r: number, inF: number, outF: number): number;
   loraPack(
     a: F32,
@@ -356,12 +361,15 @@ function loraDesc(
 
 /** Builds the native backend over a loaded addon. */
 export function makeNativeBackend(addon: NativeWithOps): Backend {
-  const n = addon;
-  const js = jsBackend;
+  // swapped for recorders while a plan is recorded (recordPlan)
+  let n: NativeWithOps = addon;
+  let js: Backend = jsBackend;
+  let recording = false;
   const f = (t: Tensor) => t.data as F32;
 
   const core: Partial<CoreKernels> = {
     ...(n.allocStreamed && { allocStreamed: (bytes: number) => n.allocStreamed!(bytes) }),
+    ...(addon.planCreate && { recordPlan: (body) => recordPlan(body) }),
     gemm(p: GemmArgs) {
       if (!isFloatDt(p.a) || !isFloatDt(p.b) || !isF32(p.c)) return js.gemm(p);
       // With A transposed the rows of C are not batch rows (weight gradients: K runs over the tokens), so no
@@ -394,7 +402,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     },
     copy(src: Tensor, dst: Tensor) {
       const sameDt = src.dtype === dst.dtype;
-      if (src.size < SMALL || (!sameDt && !(isFloatDt(src) && isFloatDt(dst))) || src.size !== dst.size)
+      if ((src.size < SMALL && !recording) || (!sameDt && !(isFloatDt(src) && isFloatDt(dst))) || src.size !== dst.size)
         return js.copy(src, dst);
       if (src.shape.length !== dst.shape.length || src.shape.some((d, i) => d !== dst.shape[i]))
         return js.copy(src, dst);
@@ -407,7 +415,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
       n.fill(dst.data, dst.offset, dst.size, DT[dst.dtype]!, encodeScalar(dst.dtype, value));
     },
     binary(op: BinaryOp, a: Tensor, b: Tensor, out: Tensor) {
-      if (out.size < SMALL || !isF32(a) || !isF32(b) || !f32c(out)) return js.binary(op, a, b, out);
+      if ((out.size < SMALL && !recording) || !isF32(a) || !isF32(b) || !f32c(out)) return js.binary(op, a, b, out);
       const c = collapseDims(a.shape, [a.strides, b.strides]);
       if (!c) return js.binary(op, a, b, out);
       n.binary(BINARY[op], f(a), a.offset, f(b), b.offset, f(out), out.offset, stridedDesc(c));
@@ -842,8 +850,54 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
     );
   }
 
+  function recordPlan(body: (dynamic: (step: number) => void) => void): RecordedPlan | null {
+    const a = addon as Required<NativeWithOps>;
+    const plan = a.planCreate();
+    const unrecordable = new Error('not recordable');
+    const refuse = <T extends object>(target: T, record: (name: string) => ((...args: unknown[]) => void) | null) =>
+      new Proxy(target, {
+        get(t, k) {
+          const rec = typeof k === 'string' ? record(k) : null;
+          if (rec) return rec;
+          const v = Reflect.get(t, k);
+          return typeof v === 'function'
+            ? () => {
+                throw unrecordable;
+              }
+            : v;
+        },
+      });
+    const saved = { n, js };
+    n = refuse(addon, (name) => (PLAN_OPS.has(name) ? (...args) => a.planAdd(plan, name, ...args) : null));
+    js = refuse(jsBackend, () => null); // a call the addon does not take (or one under SMALL) would run now
+    recording = true;
+    try {
+      body((step) => a.planDynamic(plan, step));
+    } catch (e) {
+      a.planFree(plan);
+      if (e === unrecordable) return null;
+      throw e;
+    } finally {
+      ({ n, js } = saved);
+      recording = false;
+    }
+    return {
+      run(L, keyMask) {
+        if (keyMask && (keyMask.dtype !== 'i32' || !keyMask.isContiguous()))
+          throw new Error('RecordedPlan.run: the key mask must be a contiguous i32 tensor');
+        a.planRun(plan, L, keyMask ? (keyMask.data as Int32Array) : null, keyMask ? keyMask.offset : 0);
+      },
+      dispose() {
+        a.planFree(plan);
+      },
+    };
+  }
+
   return { ...jsBackend, ...core, ...kernels, name: 'native' } as Backend;
 }
+
+/** The addon entry points a plan records (planAdd in native/ops_addon.cc). */
+const PLAN_OPS = new Set(['binary', 'copy', 'gemmRows', 'rmsNormForward', 'rope', 'swigluForward', 'attentionForward']);
 
 /** Whether a loaded addon has the op kernels (an addon built before them lacks them). */
 export function hasOps(addon: NativeAddon): addon is NativeWithOps {
