@@ -7,7 +7,7 @@ import type { GeluApproximate } from '../backend/kernels/activation.ts';
 import { isFloat } from '../core/dtype.ts';
 import { ConfigError, DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import { sameShape, type Tensor } from '../core/tensor.ts';
-import { empty } from './create.ts';
+import { emptyForOutput } from './create.ts';
 import { relu, sigmoid, silu, tanh } from './elementwise.ts';
 import { f32c } from './shape.ts';
 import { noGrad, record } from './tape.ts';
@@ -32,7 +32,7 @@ export function swiglu(gate: Tensor, up: Tensor): Tensor {
     throw new ShapeError(`swiglu: gate ${fmtShape(gate.shape)} and up ${fmtShape(up.shape)} must have the same shape`);
   const a = floatInput('swiglu', gate);
   const b = floatInput('swiglu', up);
-  const out = empty(gate.shape);
+  const out = emptyForOutput(gate.shape);
   getBackend().swigluForward(a, b, out);
   const shape = gate.shape;
   record(
@@ -40,8 +40,8 @@ export function swiglu(gate: Tensor, up: Tensor): Tensor {
     'swiglu',
     [gate, up],
     (g, needs, [sa, sb]) => {
-      const da = needs[0] ? empty(shape) : null;
-      const db = needs[1] ? empty(shape) : null;
+      const da = needs[0] ? emptyForOutput(shape) : null;
+      const db = needs[1] ? emptyForOutput(shape) : null;
       getBackend().swigluBackward(g, sa!, sb!, da, db);
       return [da, db];
     },
@@ -61,7 +61,7 @@ export function gelu(x: Tensor, approximate: GeluApproximate | boolean = 'none')
   if (typeof approximate === 'string' && approximate !== 'none' && approximate !== 'tanh')
     throw new ConfigError(`gelu: approximate must be 'none' or 'tanh', got '${approximate}'`);
   const xc = floatInput('gelu', x);
-  const out = empty(x.shape);
+  const out = emptyForOutput(x.shape);
   getBackend().geluForward(xc, out, mode);
   const shape = x.shape;
   record(
@@ -69,7 +69,7 @@ export function gelu(x: Tensor, approximate: GeluApproximate | boolean = 'none')
     'gelu',
     [x],
     (g, _needs, [sx]) => {
-      const dx = empty(shape);
+      const dx = emptyForOutput(shape);
       getBackend().geluBackward(g, sx!, dx, mode);
       return [dx];
     },
@@ -89,7 +89,7 @@ function rowsCols(op: string, x: Tensor): [number, number] {
 export function softmax(x: Tensor): Tensor {
   const [rows, cols] = rowsCols('softmax', x);
   const xc = floatInput('softmax', x);
-  const out = empty(x.shape);
+  const out = emptyForOutput(x.shape);
   getBackend().softmaxForward(xc, out, rows, cols);
   release(xc, x);
   const shape = x.shape;
@@ -98,7 +98,7 @@ export function softmax(x: Tensor): Tensor {
     'softmax',
     [x],
     (g, _needs, [sy]) => {
-      const dx = empty(shape);
+      const dx = emptyForOutput(shape);
       getBackend().softmaxBackward(g, sy!, dx, rows, cols);
       return [dx];
     },
@@ -110,7 +110,7 @@ export function softmax(x: Tensor): Tensor {
 export function logSoftmax(x: Tensor): Tensor {
   const [rows, cols] = rowsCols('logSoftmax', x);
   const xc = floatInput('logSoftmax', x);
-  const out = empty(x.shape);
+  const out = emptyForOutput(x.shape);
   getBackend().logSoftmaxForward(xc, out, rows, cols);
   release(xc, x);
   const shape = x.shape;
@@ -119,7 +119,7 @@ export function logSoftmax(x: Tensor): Tensor {
     'logSoftmax',
     [x],
     (g, _needs, [sy]) => {
-      const dx = empty(shape);
+      const dx = emptyForOutput(shape);
       getBackend().logSoftmaxBackward(g, sy!, dx, rows, cols);
       return [dx];
     },

@@ -9,7 +9,7 @@ import { getBackend } from '../backend/index.ts';
 import type { AttentionArgs } from '../backend/kernels/attention.ts';
 import { DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { empty } from './create.ts';
+import { emptyForOutput } from './create.ts';
 import { contiguous } from './shape.ts';
 import { noGrad, record } from './tape.ts';
 
@@ -77,8 +77,8 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOption
   const vk = packed(v);
 
   const args: AttentionArgs = { q: qk, k: kk, v: vk, scale, keyMask, seqIds, window };
-  const out = empty([B, Tq, Hq, D]);
-  const lse = empty([B, Hq, Tq]);
+  const out = emptyForOutput([B, Tq, Hq, D]);
+  const lse = emptyForOutput([B, Hq, Tq]);
   getBackend().attentionForward(args, out, lse);
 
   const saved = [qk, kk, vk, out, lse];
@@ -93,9 +93,9 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOption
       let at = 5;
       const sm = keyMask ? s[at++]! : null;
       const ss = seqIds ? s[at++]! : null;
-      const dq = needs[0] ? empty(sq.shape) : null;
-      const dk = needs[1] ? empty(sk.shape) : null;
-      const dv = needs[2] ? empty(sv.shape) : null;
+      const dq = needs[0] ? emptyForOutput(sq.shape) : null;
+      const dk = needs[1] ? emptyForOutput(sk.shape) : null;
+      const dv = needs[2] ? emptyForOutput(sv.shape) : null;
       if (dq || dk || dv)
         getBackend().attentionBackward(
           { q: sq, k: sk, v: sv, scale, keyMask: sm, seqIds: ss, window },

@@ -4,14 +4,14 @@
 import type { BinaryOp, UnaryOp } from '../backend/backend.ts';
 import { getBackend } from '../backend/index.ts';
 import { numel, sameShape, type Tensor } from '../core/tensor.ts';
-import { empty, scalar } from './create.ts';
+import { emptyForOutput, scalar } from './create.ts';
 import { sumToShape } from './reduce.ts';
 import { broadcastShapes, expandView, f32c } from './shape.ts';
 import { record } from './tape.ts';
 
 function binaryRaw(op: BinaryOp, a: Tensor, b: Tensor): Tensor {
   const shape = broadcastShapes(op, a.shape, b.shape);
-  const out = empty(shape);
+  const out = emptyForOutput(shape);
   if (sameShape(a.shape, shape) && sameShape(b.shape, shape)) {
     getBackend().binary(op, a, b, out);
     return out;
@@ -92,7 +92,7 @@ export function div(a: Tensor, b: Tensor | number): Tensor {
 }
 
 function unaryRaw(op: UnaryOp, x: Tensor, s?: number): Tensor {
-  const out = empty(x.shape);
+  const out = emptyForOutput(x.shape);
   getBackend().unary(op, x, out, s);
   return out;
 }

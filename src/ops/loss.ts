@@ -7,7 +7,7 @@ import { getBackend } from '../backend/index.ts';
 import type { LossReduction } from '../backend/kernels/loss.ts';
 import { ConfigError, DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import { sameShape, type Tensor } from '../core/tensor.ts';
-import { empty } from './create.ts';
+import { empty, emptyForOutput } from './create.ts';
 import { contiguous, f32c } from './shape.ts';
 import { noGrad, record } from './tape.ts';
 
@@ -61,7 +61,7 @@ export function crossEntropy(logits: Tensor, targets: Tensor, opts: CrossEntropy
     'crossEntropy',
     [logits],
     (g, _needs, [sx, st, sl]) => {
-      const dlogits = empty(shape);
+      const dlogits = emptyForOutput(shape);
       getBackend().crossEntropyBackward(g, sx!, st!, sl!, dlogits, rows, vocab, ignoreIndex, reduction);
       return [dlogits];
     },

@@ -6,7 +6,7 @@ import { getBackend } from '../backend/index.ts';
 import { isFloat } from '../core/dtype.ts';
 import { ConfigError, DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import type { Tensor } from '../core/tensor.ts';
-import { empty } from './create.ts';
+import { emptyForOutput } from './create.ts';
 import { contiguous, f32c } from './shape.ts';
 import { noGrad, record } from './tape.ts';
 
@@ -27,8 +27,8 @@ export function rmsnorm(x: Tensor, weight: Tensor, eps = 1e-6): Tensor {
   const rows = x.size / dim;
   const xc = noGrad(() => f32c(x));
   const wc = noGrad(() => contiguous(weight));
-  const y = empty(x.shape);
-  const rstd = empty([rows]);
+  const y = emptyForOutput(x.shape);
+  const rstd = emptyForOutput([rows]);
   getBackend().rmsNormForward(xc, wc, y, rstd, rows, dim, eps);
   const xShape = x.shape;
   record(
@@ -36,8 +36,8 @@ export function rmsnorm(x: Tensor, weight: Tensor, eps = 1e-6): Tensor {
     'rmsnorm',
     [x, weight],
     (g, needs, [sx, sw, sr]) => {
-      const dx = needs[0] ? empty(xShape) : null;
-      const dw = needs[1] ? empty([dim]) : null;
+      const dx = needs[0] ? emptyForOutput(xShape) : null;
+      const dw = needs[1] ? emptyForOutput([dim]) : null;
       getBackend().rmsNormBackward(g, sx!, sw!, sr!, dx, dw, rows, dim);
       return [dx, dw];
     },

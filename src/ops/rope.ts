@@ -7,7 +7,7 @@
 import { getBackend } from '../backend/index.ts';
 import { ConfigError, DTypeError, fmtShape, ShapeError } from '../core/errors.ts';
 import { Tensor } from '../core/tensor.ts';
-import { empty } from './create.ts';
+import { empty, emptyForOutput } from './create.ts';
 import { f32c } from './shape.ts';
 import { noGrad, record } from './tape.ts';
 
@@ -191,7 +191,7 @@ export function rope(x: Tensor, positions: Tensor, invFreq: Tensor): Tensor {
   });
   const freq = invFreq.isContiguous() ? invFreq : noGrad(() => f32c(invFreq));
   const xc = x.dtype === 'f32' && x.isContiguous() ? x : noGrad(() => f32c(x));
-  const out = empty(x.shape);
+  const out = emptyForOutput(x.shape);
   be.ropeForward(xc, pos, freq, out);
   if (xc !== x) xc.dispose();
   const xShape = x.shape;
@@ -201,7 +201,7 @@ export function rope(x: Tensor, positions: Tensor, invFreq: Tensor): Tensor {
     [x],
     (g, needs, [sp, sf]) => {
       if (!needs[0]) return [null];
-      const gx = empty(xShape);
+      const gx = emptyForOutput(xShape);
       getBackend().ropeBackward(g, sp!, sf!, gx);
       return [gx];
     },

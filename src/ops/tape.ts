@@ -7,7 +7,7 @@ import { getBackend } from '../backend/index.ts';
 import { fmtShape, LowrankError, ShapeError } from '../core/errors.ts';
 import { keep, tidy } from '../core/scope.ts';
 import { type GradNode, sameShape, type Tensor } from '../core/tensor.ts';
-import { empty } from './create.ts';
+import { empty, emptyForOutput } from './create.ts';
 
 let gradEnabled = true;
 
@@ -176,7 +176,7 @@ export function backward(root: Tensor, gradOut?: Tensor): void {
 }
 
 function copyOf(t: Tensor, disposeSource: boolean): Tensor {
-  const out = empty(t.shape);
+  const out = emptyForOutput(t.shape);
   getBackend().copy(t, out);
   if (disposeSource) t.dispose();
   return out;

@@ -12,7 +12,7 @@ import { getBackend } from '../../backend/index.ts';
 import type { LoraRowsGroup } from '../../backend/kernels/lora.ts';
 import { fmtShape, ShapeError } from '../../core/errors.ts';
 import type { Tensor } from '../../core/tensor.ts';
-import { empty } from '../../ops/create.ts';
+import { empty, emptyForOutput } from '../../ops/create.ts';
 import { gemmInto } from '../../ops/matmul.ts';
 import { sum } from '../../ops/reduce.ts';
 import { f32c } from '../../ops/shape.ts';
@@ -155,11 +155,11 @@ export function loraLinear(
   const x2 = rowsView(xc, rows, inF);
   const xl2 = xlc === xc ? x2 : rowsView(xlc, rows, inF);
   // shrink: u = xl A^T [rows, r]
-  const u = empty([rows, r]);
+  const u = emptyForOutput([rows, r]);
   const at = tview(a32);
   gemm(xl2, at, u, 1, 0);
   at.dispose();
-  const out = empty([...x.shape.slice(0, -1), outF]);
+  const out = emptyForOutput([...x.shape.slice(0, -1), outF]);
   const o2 = rowsView(out, rows, outF);
   // with a base weight: (x W^T + bias) + s b_B + s u B^T, in the order a mixed batch adds them to the base
   // layer's output (loraMixedRows), so a row computes the same bits alone and in a mixed batch
@@ -193,12 +193,12 @@ export function loraLinear(
       const needDu = needs[0] || needs[3] || needs[5];
       let du: Tensor | null = null;
       if (needDu) {
-        du = empty([rows, r]);
+        du = emptyForOutput([rows, r]);
         gemm(g2, sb!, du, s, 0); // du = s g B
       }
       let gx: Tensor | null = null;
       if (needs[0]) {
-        gx = empty(xShape);
+        gx = emptyForOutput(xShape);
         const gx2 = rowsView(gx, rows, inF);
         let bx = 0;
         if (w) {
@@ -212,14 +212,14 @@ export function loraLinear(
       }
       let gxl: Tensor | null = null;
       if (xlIn && needs[5]) {
-        gxl = empty(xShape);
+        gxl = emptyForOutput(xShape);
         const gxl2 = rowsView(gxl, rows, inF);
         gemm(du!, sa!, gxl2, 1, 0);
         gxl2.dispose();
       }
       let ga: Tensor | null = null;
       if (needs[3]) {
-        ga = empty([r, inF]);
+        ga = emptyForOutput([r, inF]);
         const dut = tview(du!);
         const sxl2 = rowsView(sxl!, rows, inF);
         gemm(dut, sxl2, ga, 1, 0); // du^T xl
@@ -228,14 +228,14 @@ export function loraLinear(
       }
       let gb: Tensor | null = null;
       if (needs[4]) {
-        gb = empty([outF, r]);
+        gb = emptyForOutput([outF, r]);
         const gt = tview(g2);
         gemm(gt, su!, gb, s, 0); // s g^T u
         gt.dispose();
       }
       let gw: Tensor | null = null;
       if (needs[1] && w) {
-        gw = empty([outF, inF]);
+        gw = emptyForOutput([outF, inF]);
         const gt = tview(g2);
         const sx2 = rowsView(sx!, rows, inF);
         gemm(gt, sx2, gw, 1, 0);
