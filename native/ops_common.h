@@ -12,6 +12,7 @@
 #include <array>
 #include <atomic>
 #include <utility>
+#include <vector>
 
 #include "gemm_common.h"
 

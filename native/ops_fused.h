@@ -112,20 +112,54 @@ void rmsnorm_bwd_k(const float* g, const float* x, const void* w, int wdt, const
 
 // out = x rotated by sign * angle; angles f32(pos * invFreq[j]) as HF computes them, cos/sin and the rotation
 // in f64 as the reference.
+//
+// A training step rotates q and k of every layer, forward and backward, over the same positions: the cos/sin
+// of a call over many positions are kept (per calling thread) and reused while the positions and frequencies
+// are the same, which spares the step 4 x layers - 1 of its 4 x layers tables of libm sincos (most of the op).
+struct RopeTable {
+  std::vector<int32_t> pos;
+  std::vector<float> freq;
+  std::vector<double> cs, sn;  // [t][half]: cos and sin (unsigned) of position t's angles
+};
+thread_local RopeTable tls_rope;
+
+inline void rope_angles(float p, const float* inv_freq, int64_t half, double* cs, double* sn) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float a = p * inv_freq[j];
+    sincos((double)a, &sn[j], &cs[j]);
+  }
+}
+
 void rope_k(const float* x, const int32_t* pos, const float* inv_freq, int64_t half, float* out, int64_t bt, int64_t H,
             int64_t D, int sign, int threads) {
   const bool in_place = x == out;
+  RopeTable& tab = tls_rope;
+  const bool cached = bt >= 64;  // decoding's single positions compute their few angles directly
+  if (cached && !((int64_t)tab.pos.size() == bt && (int64_t)tab.freq.size() == half &&
+                  memcmp(tab.pos.data(), pos, (size_t)bt * 4) == 0 &&
+                  memcmp(tab.freq.data(), inv_freq, (size_t)half * 4) == 0)) {
+    tab.pos.assign(pos, pos + bt);
+    tab.freq.assign(inv_freq, inv_freq + half);
+    tab.cs.resize((size_t)(bt * half));
+    tab.sn.resize((size_t)(bt * half));
+    double* cs = tab.cs.data();
+    double* sn = tab.sn.data();
+    par_ranges(bt, threads, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) rope_angles((float)pos[t], inv_freq, half, cs + t * half, sn + t * half);
+    });
+  }
+  const double sg = (double)sign;
   par_ranges(bt, threads, 4, [&](int64_t t0, int64_t t1) {
     double* cs = tls_w.get<double>((size_t)(2 * half + 2 * VDW));
     double* sn = cs + half + VDW;
     for (int64_t t = t0; t < t1; ++t) {
-      const float p = (float)pos[t];
-      for (int64_t j = 0; j < half; ++j) {
-        const float a = p * inv_freq[j];
-        double s, c;
-        sincos((double)a, &s, &c);
-        cs[j] = c;
-        sn[j] = sign * s;
+      const double* c0 = cs;
+      const double* s0 = sn;
+      if (cached) {
+        c0 = tab.cs.data() + t * half;
+        s0 = tab.sn.data() + t * half;
+      } else {
+        rope_angles((float)pos[t], inv_freq, half, cs, sn);
       }
       for (int64_t h = 0; h < H; ++h) {
         const float* xi = x + (t * H + h) * D;
@@ -137,7 +171,7 @@ void rope_k(const float* x, const int32_t* pos, const float* inv_freq, int64_t h
             x1[l] = xi[j + l];
             x2[l] = xi[j + half + l];
           }
-          const vdh c = vdload(cs + j), s = vdload(sn + j);
+          const vdh c = vdload(c0 + j), s = vdload(s0 + j) * sg;
           const vdh y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
           for (int l = 0; l < VDW; ++l) {
             oi[j + l] = (float)y1[l];
@@ -145,9 +179,9 @@ void rope_k(const float* x, const int32_t* pos, const float* inv_freq, int64_t h
           }
         }
         for (; j < half; ++j) {
-          const double x1 = xi[j], x2 = xi[j + half];
-          oi[j] = (float)(x1 * cs[j] - x2 * sn[j]);
-          oi[j + half] = (float)(x2 * cs[j] + x1 * sn[j]);
+          const double x1 = xi[j], x2 = xi[j + half], s = sg * s0[j];
+          oi[j] = (float)(x1 * c0[j] - x2 * s);
+          oi[j + half] = (float)(x2 * c0[j] + x1 * s);
         }
         if (!in_place)
           for (int64_t d = 2 * half; d < D; ++d) oi[d] = xi[d];

@@ -479,25 +479,42 @@ test('RMSNorm forward and backward (f32 and bf16 weights, odd dims)', { skip }, 
 test('RoPE forward and backward, partial rotary, in place, large positions', { skip }, () => {
   const rng = new Rng(12);
   eachIsa((nb, isa) => {
-    const [B, T, H, D, half] = [2, 9, 3, 20, 8];
-    const x = t32(randn(rng, B * T * H * D), [B, T, H, D]);
-    const pos = i32(
-      Array.from({ length: B * T }, (_, i) => (i === 3 ? 100000 : i)),
-      [B, T],
-    );
-    const inv = t32(
-      Float32Array.from({ length: half }, (_, j) => 10000 ** (-j / half)),
-      [half],
-    );
-    for (const dir of ['ropeForward', 'ropeBackward'] as const) {
-      const o1 = zeros([B, T, H, D]);
-      const o2 = zeros([B, T, H, D]);
-      nb[dir](x, pos, inv, o1);
-      js[dir](x, pos, inv, o2);
-      close(f(o1), f(o2), 2 ** -22, 1e-37, `${isa} ${dir}`);
-      const inplace = t32(Float32Array.from(f(x)), [B, T, H, D]);
-      nb[dir](inplace, pos, inv, inplace);
-      same(f(inplace), f(o1), `${isa} ${dir} in place`);
+    // 18 positions take their angles directly; 160 go through the per-thread table, which a change of positions
+    // or frequencies must refresh (the rounds below change one, then the other)
+    for (const [B, T, shift, scale] of [
+      [2, 9, 0, 1],
+      [4, 40, 0, 1],
+      [4, 40, 7, 1],
+      [4, 40, 7, 0.5],
+    ] as const) {
+      const [H, D, half] = [3, 20, 8];
+      const x = t32(randn(rng, B * T * H * D), [B, T, H, D]);
+      const pos = i32(
+        Array.from({ length: B * T }, (_, i) => (i === 3 ? 100000 : i + shift)),
+        [B, T],
+      );
+      const inv = t32(
+        Float32Array.from({ length: half }, (_, j) => scale * 10000 ** (-j / half)),
+        [half],
+      );
+      for (const dir of ['ropeForward', 'ropeBackward'] as const) {
+        const label = `${isa} ${dir} ${B}x${T} +${shift} x${scale}`;
+        const o1 = zeros([B, T, H, D]);
+        const o2 = zeros([B, T, H, D]);
+        nb[dir](x, pos, inv, o1);
+        js[dir](x, pos, inv, o2);
+        close(f(o1), f(o2), 2 ** -22, 1e-37, label);
+        const inplace = t32(Float32Array.from(f(x)), [B, T, H, D]);
+        nb[dir](inplace, pos, inv, inplace);
+        same(f(inplace), f(o1), `${label} in place`);
+        // the last row alone (too few positions for the table) gives the same bits
+        const n = T * H * D;
+        const xr = t32(f(x).slice((B - 1) * n), [1, T, H, D]);
+        const pr = i32([...(pos.data as Int32Array).slice((B - 1) * T)], [1, T]);
+        const or = zeros([1, T, H, D]);
+        nb[dir](xr, pr, inv, or);
+        same(f(or), f(o1).slice((B - 1) * n), `${label} row alone`);
+      }
     }
   });
 });
