@@ -3,6 +3,7 @@
 
 import type { AnyTypedArray, DType } from './dtype.ts';
 import { allocTyped, itemSize, typedOver } from './dtype.ts';
+import { totalmem } from 'node:os';
 import { LifetimeError } from './errors.ts';
 
 export type Device = 'cpu' | 'cuda';
@@ -85,12 +86,14 @@ export class CpuStorage extends Storage {
  * as a kernel first writes it (about 1 ms per 6 MB here, three times the kernel's own work), and the old one
  * is only returned when the garbage collector runs; a training step allocates the same few sizes over and
  * over, so reusing them (zeroed with fill(0)) saves both. Only memory that allocCpu made is recycled, never
- * an array a caller handed to Tensor.fromTyped. LOWRANK_POOL_MB caps the bytes held (default 512, 0 = off).
+ * an array a caller handed to Tensor.fromTyped. LOWRANK_POOL_MB caps the bytes held (default: a quarter of the
+ * machine's memory; 0 = off). The cap must hold a step's transient buffers: at 512 MB, 135m LoRA's 200 MB logits
+ * gradient was a fresh buffer every step, and its first write alone (page faults) took 240-470 ms of a 5 s step.
  */
 class BufferPool {
   private readonly free = new Map<number, ArrayBuffer[]>();
   private held = 0;
-  private readonly cap = Math.max(0, Number(process.env.LOWRANK_POOL_MB ?? 512)) * 2 ** 20;
+  private readonly cap = Math.max(0, Number(process.env.LOWRANK_POOL_MB ?? totalmem() / 4 / 2 ** 20)) * 2 ** 20;
   static readonly MIN_BYTES = 1 << 16;
 
   put(buf: ArrayBuffer): void {
