@@ -11,6 +11,11 @@
 //
 //   npm run bench:train [-- --cases lora-tiny,full-tiny --steps 3 --warmup 1 --timeout-min 30 --all]
 //   (--all adds full fine-tuning of 135m; a case that does not finish within --timeout-min is reported as such)
+//
+// PyTorch cannot run here, so beside its figures the table gives a reference measured in the same run: the
+// FMA bound, the tokens/s a step would reach if all of its products (stepFlops) ran at this machine's FMA
+// peak and nothing else took time. No implementation reaches it; "3x PyTorch" says how much of it three
+// times PyTorch's figure would take.
 
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -20,6 +25,7 @@ import { Rng } from '../src/core/rng.ts';
 import { tidy } from '../src/core/scope.ts';
 import { memoryStats, resetPeakMemory } from '../src/core/storage.ts';
 import type { Tensor } from '../src/core/tensor.ts';
+import type { ModelConfig } from '../src/models/config.ts';
 import type { LlamaForCausalLM } from '../src/models/llama.ts';
 import { initModel, presetConfig } from '../src/models/save.ts';
 import { intTensor } from '../src/ops/create.ts';
@@ -75,6 +81,43 @@ function arg(name: string): string | undefined {
   const a = process.argv.slice(2);
   const i = a.indexOf(name);
   return i >= 0 ? a[i + 1] : undefined;
+}
+
+/**
+ * FLOPs of one training step's products, counting only what the step needs: the linear layers forward, their
+ * input gradients (not the first layer's q/k/v/gate/up under an adapter: the frozen embedding wants none),
+ * their weight gradients (full fine-tuning, the tied embedding included), LoRA r=16 on the 7 projections (xA^T,
+ * uB^T forward; gB, g^T u, du^T x and du A backward), causal attention (QK^T and PV forward; QK^T again, dV,
+ * dP, dK, dQ backward) and the LM head (forward and input gradient).
+ */
+export function stepFlops(cfg: ModelConfig, method: AdapterKind, batch: number, seq: number): number {
+  const T = batch * seq;
+  const { hidden_size: h, intermediate_size: I, num_hidden_layers: L, head_dim: hd, vocab_size: V } = cfg;
+  const qo = cfg.num_attention_heads * hd;
+  const kv = cfg.num_key_value_heads * hd;
+  const linears: [number, number, boolean][] = [
+    // in, out, whether its input is the layer's (normed) input: no input gradient in layer 0 under an adapter
+    [h, qo, true],
+    [h, kv, true],
+    [h, kv, true],
+    [qo, h, false],
+    [h, I, true],
+    [h, I, true],
+    [I, h, false],
+  ];
+  const full = method === 'full';
+  const r = 16;
+  let flops = 2 * T * h * V * (full ? 3 : 2); // LM head: forward, input gradient (+ the tied embedding's)
+  for (let l = 0; l < L; l++) {
+    for (const [i, o, first] of linears) {
+      const inputGrad = full || l > 0 || !first;
+      flops += 2 * T * i * o * (1 + (inputGrad ? 1 : 0) + (full ? 1 : 0));
+      if (!full) flops += 2 * T * r * (i + o) * 2 + 2 * T * r * o * 2 + 2 * T * r * i * (inputGrad ? 2 : 1);
+    }
+    const pairs = batch * cfg.num_attention_heads * ((seq * (seq + 1)) / 2);
+    flops += 14 * pairs * hd;
+  }
+  return flops;
 }
 
 /** A batch of random tokens, every position trained (as the PyTorch anchor: labels = input ids). */
@@ -188,6 +231,10 @@ async function child(key: string): Promise<void> {
 function parent(): void {
   const addon = loadNativeAddon();
   console.log(`${machineLine(addon)}; backend ${getBackend().name}`);
+  // the FMA peak, best of several bursts before and after the cases (the higher, the stricter the bound)
+  const threads = addon?.getThreads() ?? 1;
+  const peak = () => (addon ? Math.max(...Array.from({ length: 8 }, () => addon.fmaPeak(threads, 40))) : undefined);
+  let peakGflops = peak();
   const wanted = arg('--cases')?.split(',');
   const cases = CASES.filter((c) => (wanted ? wanted.includes(c.key) : !c.extra || process.argv.includes('--all')));
   const steps = arg('--steps') ?? '3';
@@ -196,7 +243,9 @@ function parent(): void {
   const self = fileURLToPath(import.meta.url);
   const rows: string[][] = [];
   const notes: string[] = [];
+  const flopsOf = new Map<string, number>();
   for (const c of cases) {
+    flopsOf.set(c.key, stepFlops(presetConfig(c.preset), c.method, c.batch, c.seq));
     process.stderr.write(
       `${c.key}: ${c.method} ${c.preset} ${c.batch}x${c.seq}, ${warmup} warm-up + ${steps} timed step(s)...\n`,
     );
@@ -242,6 +291,10 @@ function parent(): void {
         fmt(torchRss, 1),
         '-',
         '-',
+        fmt(flopsOf.get(c.key)! / 1e9, 0),
+        '-',
+        '-',
+        '-',
       ]);
       continue;
     }
@@ -257,8 +310,22 @@ function parent(): void {
       fmt(torchRss, 1),
       ratio(rssGB, torchRss),
       fmt(r.peakTensorBytes! / 1e9, 2),
+      fmt(flopsOf.get(c.key)! / 1e9, 0),
     ]);
   }
+  // the bound columns, once the peak has been measured again after the cases
+  const after = peak();
+  if (after !== undefined && (peakGflops === undefined || after > peakGflops)) peakGflops = after;
+  cases.forEach((c, i) => {
+    const row = rows[i]!;
+    const tps = Number(row[3]);
+    const bound = peakGflops === undefined ? undefined : (peakGflops * 1e9 * c.batch * c.seq) / flopsOf.get(c.key)!;
+    row.push(
+      fmt(bound, 0),
+      Number.isFinite(tps) ? ratio(tps, bound) : '-',
+      c.torchTps === null ? '-' : ratio(3 * c.torchTps, bound),
+    );
+  });
   printTable(
     'train: tokens/s (batch x seq / step time, fastest timed step after warm-up; median beside it) and peak RSS; PyTorch 1.13 eager fp32 on this CPU from ../shared/anchors.md',
     [
@@ -273,9 +340,17 @@ function parent(): void {
       'PyTorch GB',
       'ratio',
       'tensors GB',
+      'GFLOP/step',
+      'FMA bound tok/s',
+      'of bound',
+      '3x PyTorch',
     ],
     rows,
   );
+  if (peakGflops !== undefined)
+    console.log(
+      `\nFMA bound = ${fmt(peakGflops, 0)} GFLOP/s (this machine's FMA peak, ${threads} threads, measured in this run) x tokens / GFLOP per step; "3x PyTorch" = three times PyTorch's tokens/s as a share of it.`,
+    );
   console.log(
     '\nratio = lowrank / PyTorch (higher is faster for tokens/s; lower is leaner for memory). These machines are shared and noisy (about ±20%).',
   );
