@@ -22,8 +22,10 @@ inline vf vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, vf v) { memcpy(p, &v, sizeof v); }
-inline vf vset(float x) { return vf{} + x; }
-inline vdh vdset(double x) { return vdh{} + x; }
+// Broadcasts. x - 0 is x for every x (-0 included), so the compiler drops the subtraction and emits one
+// broadcast; vf{} + x, as these were, cannot be dropped (-0 + 0 is +0) and cost an add per broadcast.
+inline vf vset(float x) { return x - vf{}; }
+inline vdh vdset(double x) { return x - vdh{}; }
 inline vdh vdload(const double* p) {
   vdh v;
   memcpy(&v, p, sizeof v);

@@ -1,9 +1,9 @@
 // Storage: the reference-counted memory behind tensors. Views share one Storage; it is freed when the last
 // tensor (or saved-for-backward reference) lets go. Device memory never waits for the garbage collector.
 
+import { totalmem } from 'node:os';
 import type { AnyTypedArray, DType } from './dtype.ts';
 import { allocTyped, itemSize, typedOver } from './dtype.ts';
-import { totalmem } from 'node:os';
 import { LifetimeError } from './errors.ts';
 
 export type Device = 'cpu' | 'cuda';
