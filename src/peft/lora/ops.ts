@@ -28,6 +28,26 @@ function tview(t: Tensor): Tensor {
   return t.view([t.shape[1]!, t.shape[0]!], [t.strides[1]!, t.strides[0]!], t.offset);
 }
 
+/**
+ * lora_B's gradient s g^T u [out, r] for g [rows, out], u [rows, r], computed as (s u^T g)^T: the GEMM takes the
+ * product with rank-r rows about a third faster than with rank-r columns (in-process A/B: 700 -> 453 us at 688 x 16
+ * x 2048, 798 -> 581 us at 1536 x 16 x 1024), and the transpose of r x out values is nothing beside it.
+ */
+function loraGradB(g: Tensor, u: Tensor, s: number): Tensor {
+  const outF = g.shape[1]!;
+  const r = u.shape[1]!;
+  const t = emptyForOutput([r, outF]);
+  const ut = tview(u);
+  gemm(ut, g, t, s, 0);
+  ut.dispose();
+  const gb = emptyForOutput([outF, r]);
+  const tt = tview(t);
+  getBackend().copy(tt, gb);
+  tt.dispose();
+  t.dispose();
+  return gb;
+}
+
 /** c = alpha a b + beta c through views that are disposed afterwards. */
 function gemm(a: Tensor, b: Tensor, c: Tensor, alpha: number, beta: number): void {
   gemmInto(a, b, c, alpha, beta);
@@ -227,12 +247,7 @@ export function loraLinear(
         sxl2.dispose();
       }
       let gb: Tensor | null = null;
-      if (needs[4]) {
-        gb = emptyForOutput([outF, r]);
-        const gt = tview(g2);
-        gemm(gt, su!, gb, s, 0); // s g^T u
-        gt.dispose();
-      }
+      if (needs[4]) gb = loraGradB(g2, su!, s); // s g^T u
       let gw: Tensor | null = null;
       if (needs[1] && w) {
         gw = emptyForOutput([outF, inF]);
@@ -565,12 +580,7 @@ export function loraMixedRows(
           dut.dispose();
         }
         let gb: Tensor | null = null;
-        if (needs[base3 + 1]) {
-          gb = empty(sb!.shape);
-          const ggt = tview(gg);
-          gemm(ggt, su!, gb, s, 0);
-          ggt.dispose();
-        }
+        if (needs[base3 + 1]) gb = loraGradB(gg, su!, s);
         const glb = needs[base3 + 2] ? sumRows(gg, s) : null;
         du?.dispose();
         gg.dispose();
