@@ -266,8 +266,11 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
   const float qscale = a.scale * kLog2e;
   const int64_t off = a.Tk - a.Tq;
   // The V rows of a block whose keys all exist are read in place when they are f32 and need no padding (the
-  // same values as the packed copy, so the same arithmetic).
+  // same values as the packed copy, so the same arithmetic), by tiles of a few rows (decoding) only: a tile of
+  // many rows reads them once per pair of rows, and packed they stay in L1 (training's attention forward ran
+  // about 10% faster packed).
   const bool v_in_place = a.vdt == kOpF32 && DP == D;
+  constexpr int64_t kVInPlaceRows = 8;
   par_tasks(a.B * a.Hkv * nqb, threads, [&](int64_t task) {
     const int64_t b = task / (a.Hkv * nqb), kvh = (task / nqb) % a.Hkv, qb = task % nqb;
     const int64_t t1 = a.Tq - qb * Bq, t0 = t1 - Bq > 0 ? t1 - Bq : 0;
@@ -309,7 +312,7 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
       pack_t(a.k, a.kdt, a.ks, b, kvh, j0, D, kval, Kt, Kn);
       const float* Vb = Vn;
       int64_t ldv = DP;
-      if (all && v_in_place) {
+      if (all && v_in_place && R <= kVInPlaceRows) {
         Vb = (const float*)a.v + b * a.vs[0] + j0 * a.vs[1] + kvh * a.vs[2];
         ldv = a.vs[1];
       } else {
