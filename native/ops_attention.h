@@ -178,8 +178,15 @@ void pack_n(const void* p, int dt, const int64_t* st, int64_t b, int64_t kvh, in
     float* xr = Xn + jj * DP;
     int64_t d = 0;
     if (kval[jj]) {
-      load_row(p, dt, b * st[0] + (j0 + jj) * st[1] + kvh * st[2], D, xr);
-      d = D;
+      const int64_t at = b * st[0] + (j0 + jj) * st[1] + kvh * st[2];
+      if (dt == kOpF32) {  // inline (load_row's call was 4% of the backward)
+        const float* src = (const float*)p + at;
+        for (; d + VW <= D; d += VW) vstore(xr + d, vload(src + d));
+        for (; d < D; ++d) xr[d] = src[d];
+      } else {
+        load_row(p, dt, at, D, xr);
+        d = D;
+      }
     }
     for (; d < DP; ++d) xr[d] = 0.0f;
   }

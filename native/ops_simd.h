@@ -257,7 +257,7 @@ inline float ld1dt(const void* p, int dt, int64_t i) {
 }
 
 // n floats of dtype dt from p + i into dst (f32), vectorised where the ISA converts in hardware.
-inline void load_row(const void* p, int dt, int64_t i, int64_t n, float* dst) {
+__attribute__((always_inline)) inline void load_row(const void* p, int dt, int64_t i, int64_t n, float* dst) {
   if (dt == kOpF32) {
     const float* s = (const float*)p + i;
     if (n > 256) {
