@@ -322,8 +322,12 @@ test('the decoding plan gives the module forward bit for bit (llama, qwen2 bias,
           // calls too
           assert.equal(built[0]!.replayed, !!getBackend().recordPlan, 'replayed where the backend records');
           DecodePlan.record = false;
-          const calls = run(true);
-          DecodePlan.record = true;
+          let calls: Float32Array[];
+          try {
+            calls = run(true);
+          } finally {
+            DecodePlan.record = true;
+          }
           for (let i = 0; i < want.length; i++) {
             assert.deepEqual(got[i], want[i], `${model_type} ${dtype} batch ${batch}: logits ${i} differ`);
             assert.deepEqual(calls[i], want[i], `${model_type} ${dtype} batch ${batch}: logits ${i} differ (calls)`);
