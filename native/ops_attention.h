@@ -361,7 +361,7 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
         vf sum = vset(0.0f);
         const vf mnv = vset(mn);
         for (int v = 0; v < NVK; ++v) {
-          const vf p = vexp2(vload(sr + v * VW) - mnv);
+          const vf p = vexp2_neg(vload(sr + v * VW) - mnv);
           vstore(sr + v * VW, p);
           sum += p;
         }
@@ -467,7 +467,7 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
           }
           const vf Lv = vset(L), Dv = vset(Dd[r0 + r]);
           for (int v = 0; v < NVK; ++v) {
-            const vf p = vexp2(vload(sr + v * VW) - Lv);
+            const vf p = vexp2_neg(vload(sr + v * VW) - Lv);
             vstore(sr + v * VW, p);
             vstore(dr + v * VW, p * (vload(dr + v * VW) - Dv));
           }

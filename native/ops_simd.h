@@ -187,6 +187,17 @@ inline vf vexp2(vf x) {
 #endif
 }
 
+// 2^x for x <= 0 (softmax's x - max; -inf gives 0, NaN stays NaN): vexp2's polynomial with one scaling, as 2^n
+// is a normal float for n in [-126, 0]; results below 2^-126 (subnormal in vexp2) are 0.
+inline vf vexp2_neg(vf x) {
+  const vi tiny = x < vset(-126.0f);
+  const vf xc = tiny ? vset(-126.0f) : x;
+  const vf magic = vset(12582912.0f);
+  const vf n = (xc + magic) - magic;
+  const vf r = exp_poly((xc - n) * vset(0.693147180559945309f)) * pow2i(__builtin_convertvector(n, vi));
+  return tiny ? vset(0.0f) : r;
+}
+
 inline float sexp(float x) {
   vf v = vexp(vset(x));
   return v[0];
