@@ -249,7 +249,7 @@ inline double row_expsum(const float* x, int64_t n, float m, float* e) {
     const int64_t end = n - j > 16 * VW ? j + 16 * VW : n;
     vf s0 = vset(0.0f), s1 = s0;
     for (; j + 2 * VW <= end; j += 2 * VW) {
-      const vf v0 = vexp(vload(x + j) - mv), v1 = vexp(vload(x + j + VW) - mv);
+      const vf v0 = vexp_neg(vload(x + j) - mv), v1 = vexp_neg(vload(x + j + VW) - mv);
       if (e) {
         vstore(e + j, v0);
         vstore(e + j + VW, v1);
@@ -259,7 +259,7 @@ inline double row_expsum(const float* x, int64_t n, float m, float* e) {
     }
     for (; j < end; j += VW) {
       const int64_t c = end - j < VW ? end - j : VW;
-      vf v = vexp(vload_part(x + j, c) - mv);
+      vf v = vexp_neg(vload_part(x + j, c) - mv);
       if (c < VW)
         for (int64_t l = c; l < VW; ++l) v[l] = 0.0f;
       if (e) vstore_part(e + j, v, c);
@@ -311,7 +311,7 @@ void softmax_bwd_k(const float* g, const float* y, float* dx, int64_t rows, int6
         const vdh gsv = vdset(gs);
         for (int64_t j = 0; j < cols; j += VW) {
           const int64_t c = cols - j < VW ? cols - j : VW;
-          const vf gv = vload_part(gr + j, c), e = vexp(vload_part(yr + j, c));
+          const vf gv = vload_part(gr + j, c), e = vexp_neg(vload_part(yr + j, c));
           vstore_part(o + j, from_d(lo_d(gv) - lo_d(e) * gsv, hi_d(gv) - hi_d(e) * gsv), c);
         }
       } else {
@@ -379,8 +379,8 @@ void ce_bwd_k(const float* grad_rows, float shared_scale, const float* logits, c
       const float s = grad_rows ? grad_rows[r] : shared_scale;
       const vf lv = vset(lse[r]), sv = vset(s);
       int64_t j = 0;
-      for (; j + VW <= vocab; j += VW) vstore(o + j, vexp(vload(x + j) - lv) * sv);
-      if (j < vocab) vstore_n(o + j, vexp(vload_n(x + j, vocab - j) - lv) * sv, vocab - j);
+      for (; j + VW <= vocab; j += VW) vstore(o + j, vexp_neg(vload(x + j) - lv) * sv);
+      if (j < vocab) vstore_n(o + j, vexp_neg(vload_n(x + j, vocab - j) - lv) * sv, vocab - j);
       o[t] = (sexp(x[t] - lse[r]) - 1.0f) * s;
     }
   });

@@ -187,6 +187,18 @@ inline vf vexp2(vf x) {
 #endif
 }
 
+// exp(x) for x <= 0 (x - max, x - logsumexp: softmax and cross-entropy), as vexp with one scaling: 2^n is a
+// normal float for n in [-126, 0]; results below 2^-126 (subnormal in vexp) are 0. -inf gives 0.
+inline vf vexp_neg(vf x) {
+  const vi tiny = x < vset(-87.33654475f);  // ln 2^-126
+  const vf xc = tiny ? vset(-87.33654475f) : x;
+  const vf magic = vset(12582912.0f);
+  const vf n = (xc * vset(1.44269504088896341f) + magic) - magic;
+  const vf r = (xc - n * vset(0.693359375f)) - n * vset(-2.12194440e-4f);
+  const vf e = exp_poly(r) * pow2i(__builtin_convertvector(n, vi));
+  return tiny ? vset(0.0f) : e;
+}
+
 // 2^x for x <= 0 (softmax's x - max; -inf gives 0, NaN stays NaN): vexp2's polynomial with one scaling, as 2^n
 // is a normal float for n in [-126, 0]; results below 2^-126 (subnormal in vexp2) are 0.
 inline vf vexp2_neg(vf x) {
