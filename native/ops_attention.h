@@ -347,7 +347,7 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
         const int64_t c = R - r < VW ? R - r : VW;
         const vf mo = vload_part(m + r, c), mb = vload_part(mnew + r, c);
         const vf mn = (mb > mo) | (mb != mb) ? mb : mo;
-        const vf e = vexp2(mo - mn);
+        const vf e = vexp2_neg(mo - mn);
         vstore_part(al + r, mn == vset(-INFINITY) ? vset(1.0f) : e, c);
         vstore_part(mnew + r, mn, c);
       }
