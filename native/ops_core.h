@@ -93,12 +93,22 @@ void binary_k(int op, const Strided4& s, const float* a, const int64_t* as, cons
 
 // ---- unary ------------------------------------------------------------------------------------------------
 
-inline vf sigmoid_v(vf x) { return vset(1.0f) / (vset(1.0f) + vexp(-x)); }
-// sigmoid(x) and 1 - sigmoid(x) = e / (1 + e), e = exp(-x): no cancellation in 1 - s when s is near 1.
+// Through e = exp(-|x|) in (0, 1] (vexp_neg: the exponential's cheaper half): r = 1 / (1 + e) is the sigmoid of
+// |x|, e r that of -|x|.
+inline vf exp_neg_abs(vf x) { return vexp_neg((vf)((vi)x | (vi{} + (int32_t)0x80000000))); }
+inline vf sigmoid_v(vf x) {
+  const vf e = exp_neg_abs(x);
+  const vf r = vset(1.0f) / (vset(1.0f) + e);
+  return x >= vset(0.0f) ? r : e * r;
+}
+// sigmoid(x) and 1 - sigmoid(x), each without cancellation (the smaller one is e r).
 inline void sigmoid2_v(vf x, vf& s, vf& oms) {
-  const vf e = vexp(-x);
-  s = vset(1.0f) / (vset(1.0f) + e);
-  oms = e < vset(INFINITY) ? e * s : vset(1.0f);
+  const vf e = exp_neg_abs(x);
+  const vf r = vset(1.0f) / (vset(1.0f) + e);
+  const vf q = e * r;
+  const vi pos = x >= vset(0.0f);
+  s = pos ? r : q;
+  oms = pos ? q : r;
 }
 
 // Ops computed in f32 vectors (exact where the reference's f64 result rounds to the same f32: +-*/, sqrt).
