@@ -191,12 +191,7 @@ Thunk prep_binary(const Args& a) {
   const float* pa = a.f32(1, aOff + alo, ahi - alo) - alo;
   const float* pb = a.f32(3, bOff + blo, bhi - blo) - blo;
   float* po = a.f32(5, oOff, n);
-  return [=](const Dyn&) {
-    int64_t as2[4], bs2[4];
-    memcpy(as2, as, sizeof as2);
-    memcpy(bs2, bs, sizeof bs2);
-    ops()->binary(op, s, pa, as2, pb, bs2, po, threads());
-  };
+  return [=](const Dyn&) { ops()->binary(op, s, pa, as, pb, bs, po, threads()); };
 }
 Napi::Value Binary(const Napi::CallbackInfo& info) {
   Args a{info, "binary"};
@@ -253,15 +248,12 @@ Thunk prep_copy(const Args& a) {
   }
   const char* fn = a.fn;
   return [=](const Dyn& y) {
-    int64_t ss2[4], ds2[4];
-    memcpy(ss2, ss, sizeof ss2);
-    memcpy(ds2, ds, sizeof ds2);
     char* to = pd;
     if (step > 0) {
       if (y.L < 0 || y.L > room / step) range_error(y.env, std::string(fn) + ": position beyond the cache");
       to += y.L * step * de;
     }
-    ops()->copy(s, ps, sdt, ss2, to, ddt, ds2, threads());
+    ops()->copy(s, ps, sdt, ss, to, ddt, ds, threads());
   };
 }
 Napi::Value Copy(const Napi::CallbackInfo& info) {
