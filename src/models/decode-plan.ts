@@ -5,7 +5,9 @@
 // makes the same kernel calls with the same inputs (so the logits are bit-identical to the module forward,
 // tested), but its products' arguments are built once and its intermediates live in buffers reused every
 // step. It covers a plain model in the decoding layout (LlamaForCausalLM.decodeWeights); anything else
-// (adapters, GELU MLPs, a layer runner) takes the module forward.
+// (adapters, GELU MLPs, a layer runner) takes the module forward. Where the backend records plans (the native
+// one), those calls are recorded once per KV cache and each step replays them in one native call, which leaves
+// about 0.2 ms of JavaScript per 135m token.
 
 import type { Backend, GemmArgs, RecordedPlan } from '../backend/backend.ts';
 import { getBackend } from '../backend/index.ts';
