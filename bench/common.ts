@@ -4,6 +4,7 @@
 
 import { spawnSync } from 'node:child_process';
 import { cpus } from 'node:os';
+import { fileURLToPath } from 'node:url';
 import type { NativeAddon } from '../src/backend/cpu/native-addon.ts';
 
 export interface Timing {
@@ -125,22 +126,18 @@ export function measureLimits(addon: NativeAddon, threads: number, bufferBytes =
   return { fma1, fmaT, read1: bw1.read, readT: bwT.read, copyT: bwT.copy };
 }
 
-/**
- * Runs a Python snippet that prints one JSON value on its last line (a peer such as numpy/OpenBLAS measured
- * in the same run). Returns null, with the reason, when python3 or the module is missing.
- */
-export function runPythonPeer(
-  code: string,
-  env: Record<string, string>,
-  timeoutMs = 600_000,
-): { value: unknown; error: null } | { value: null; error: string } {
-  const r = spawnSync('python3', ['-c', code], {
+type PeerResult = { value: unknown; error: null } | { value: null; error: string };
+
+function runPython(python: string, args: string[], env: Record<string, string>, timeoutMs: number): PeerResult {
+  const r = spawnSync(python, args, {
     env: { ...process.env, ...env },
     encoding: 'utf8',
     timeout: timeoutMs,
+    killSignal: 'SIGKILL',
     maxBuffer: 16 << 20,
   });
   if (r.error) return { value: null, error: r.error.message };
+  if (r.signal) return { value: null, error: `killed by ${r.signal} (did not finish within ${timeoutMs / 1000} s)` };
   if (r.status !== 0) return { value: null, error: (r.stderr || `exit ${r.status}`).trim().split('\n').pop()! };
   const last = r.stdout.trim().split('\n').pop() ?? '';
   try {
@@ -148,4 +145,49 @@ export function runPythonPeer(
   } catch {
     return { value: null, error: `unexpected output: ${last.slice(0, 200)}` };
   }
+}
+
+/**
+ * Runs a Python snippet that prints one JSON value on its last line (a peer such as numpy/OpenBLAS measured
+ * in the same run). Returns null, with the reason, when python3 or the module is missing.
+ */
+export function runPythonPeer(code: string, env: Record<string, string>, timeoutMs = 600_000): PeerResult {
+  return runPython('python3', ['-c', code], env, timeoutMs);
+}
+
+let torchPythonFound: { python: string; error: null } | { python: null; error: string } | undefined;
+
+/**
+ * A python3 that imports torch: $LOWRANK_PYTHON, else python3 on the PATH, else /usr/bin/python3 (where
+ * Debian's python3-torch installs; a pyenv python3 may come first on the PATH without it).
+ */
+export function torchPython(): { python: string; error: null } | { python: null; error: string } {
+  if (torchPythonFound) return torchPythonFound;
+  const candidates = process.env.LOWRANK_PYTHON ? [process.env.LOWRANK_PYTHON] : ['python3', '/usr/bin/python3'];
+  for (const python of candidates) {
+    const r = spawnSync(python, ['-c', 'import torch'], { encoding: 'utf8', timeout: 60_000 });
+    if (!r.error && r.status === 0) return (torchPythonFound = { python, error: null });
+  }
+  torchPythonFound = {
+    python: null,
+    error: `no python3 with torch (tried ${candidates.join(', ')}; on Debian: apt-get install python3-torch libopenblas0-pthread, or set LOWRANK_PYTHON)`,
+  };
+  return torchPythonFound;
+}
+
+/**
+ * Runs bench/reference/torch_llama.py (eager PyTorch on the same workload, the same number of threads) in its
+ * own process and returns its JSON figures, or why it could not run.
+ */
+export function runTorchReference(spec: Record<string, unknown>, threads: number, timeoutMs = 1_800_000): PeerResult {
+  const found = torchPython();
+  if (found.python === null) return { value: null, error: found.error };
+  const script = fileURLToPath(new URL('./reference/torch_llama.py', import.meta.url));
+  const n = String(threads);
+  return runPython(
+    found.python,
+    [script, JSON.stringify({ ...spec, threads })],
+    { OMP_NUM_THREADS: n, OPENBLAS_NUM_THREADS: n, MKL_NUM_THREADS: n },
+    timeoutMs,
+  );
 }

@@ -1,15 +1,17 @@
 // npm run bench:generate — prefill and decode tokens/s for the 135m preset (SmolLM2-135M shape) with f32 and
 // bf16 weights, beside the memory-bandwidth bound measured in the same run (decode reads every weight once
-// per token, so bandwidth / weight bytes bounds tokens/s). PyTorch on this CPU: 158 tokens/s prefill and
-// 7.5 tokens/s decode (f32, ../shared/anchors.md). Each dtype runs with the decoding layout (useDecodeLayout, as
-// lowrank generate and serve use) and with the default one.
+// per token, so bandwidth / weight bytes bounds tokens/s) and eager PyTorch on the same workload and dtype in
+// the same run (bench/reference/torch_llama.py; NO_TORCH=1 skips it). ../shared/anchors.md gives PyTorch 1.13
+// 158 tokens/s prefill and 7.5 tokens/s decode (f32) on the CPU the anchors were taken on. Each dtype runs with
+// the decoding layout (useDecodeLayout, as lowrank generate and serve use) and with the default one.
 
 import { loadNativeAddon } from '../src/backend/cpu/native-addon.ts';
 import { getBackend } from '../src/backend/index.ts';
 import { Rng } from '../src/core/rng.ts';
+import { PRESETS } from '../src/models/config.ts';
 import { DecodeSession } from '../src/models/generate.ts';
 import { initModel, presetConfig } from '../src/models/save.ts';
-import { fmt, machineLine, measureLimits, printTable, ratio } from './common.ts';
+import { fmt, machineLine, measureLimits, printTable, ratio, runTorchReference } from './common.ts';
 
 const preset = process.argv[2] ?? '135m';
 const prefillLen = Number(process.env.PREFILL ?? 256);
@@ -25,6 +27,21 @@ const keepBest = (r: number | undefined) => {
   if (r !== undefined && (readT === undefined || r > readT)) readT = r;
 };
 const rows: string[][] = [];
+const notes: string[] = [];
+// eager PyTorch, once per dtype, on the same prompt length and decode count
+const torchOf = new Map<string, { prefillTokensPerSecond: number; decodeTokensPerSecond: number }>();
+const torchFor = (dtype: 'f32' | 'bf16') => {
+  if (process.env.NO_TORCH || torchOf.has(dtype)) return torchOf.get(dtype);
+  process.stderr.write(`PyTorch ${dtype} (bench/reference/torch_llama.py)...\n`);
+  const spec = { config: PRESETS[preset], mode: 'generate', seq: prefillLen, decode: decodeTokens };
+  const t = runTorchReference({ ...spec, dtype: dtype === 'f32' ? 'float32' : 'bfloat16' }, threads);
+  if (t.error !== null) {
+    notes.push(`PyTorch ${dtype} not measured: ${t.error}`);
+    return undefined;
+  }
+  torchOf.set(dtype, t.value as { prefillTokensPerSecond: number; decodeTokensPerSecond: number });
+  return torchOf.get(dtype);
+};
 const measured: { weightBytes: number; decodeTps: number }[] = [];
 // the default weight layout too (LAYOUTS=decode to skip it): the same-run reference for the decoding layout
 const layouts = (process.env.LAYOUTS ?? 'decode,default').split(',');
@@ -61,12 +78,17 @@ for (const dtype of ['f32', 'bf16'] as const)
     const prefillTps = prefillLen / prefillS;
     const decodeTps = decodeTokens / decodeS;
     measured.push({ weightBytes, decodeTps });
+    const torch = torchFor(dtype);
     rows.push([
       `${dtype}, ${layout} layout`,
       `${(weightBytes / 1e6).toFixed(0)} MB`,
       fmt(prefillTps),
+      fmt(torch?.prefillTokensPerSecond),
+      ratio(prefillTps, torch?.prefillTokensPerSecond),
       ratio(prefillTps, 158),
       fmt(decodeTps, 2),
+      fmt(torch?.decodeTokensPerSecond, 2),
+      ratio(decodeTps, torch?.decodeTokensPerSecond),
       ratio(decodeTps, 7.5),
     ]);
   }
@@ -81,11 +103,19 @@ printTable(
     'weights, layout',
     'bytes',
     'prefill tok/s',
-    'vs PyTorch 158',
+    'PyTorch',
+    'ratio',
+    'vs anchor 158',
     'decode tok/s',
-    'vs PyTorch 7.5',
+    'PyTorch',
+    'ratio',
+    'vs anchor 7.5',
     'bandwidth bound tok/s',
     'of bound',
   ],
   rows,
 );
+console.log(
+  '\nPyTorch = eager PyTorch on the same prompt and decode count and the same dtype, measured in this run (bench/reference/torch_llama.py, KV cache, greedy); anchor = ../shared/anchors.md (f32, another CPU).',
+);
+for (const n of notes) console.log(`note: ${n}`);

@@ -1,5 +1,6 @@
-// npm run bench:train — training throughput (tokens/s) and peak RSS for the cases PyTorch was measured on
-// this CPU (../shared/anchors.md: PyTorch 1.13 eager fp32, 2 threads, AdamW):
+// npm run bench:train — training throughput (tokens/s) and peak RSS, beside eager PyTorch measured on the same
+// workload in the same run (bench/reference/torch_llama.py: PyTorch fp32, the same threads, AdamW, clipping)
+// and the figures ../shared/anchors.md gives for PyTorch 1.13 on the CPU the anchors were taken on:
 //
 //   LoRA r=16 alpha=32 on q,k,v,o,gate,up,down   tiny (8x256): 944 tokens/s, 2.2 GB   135m (4x256): 110 tokens/s, 6.7 GB
 //   full fine-tuning                             tiny (8x256): 846 tokens/s, 1.9 GB   135m (4x256):  88 tokens/s, 6.6 GB
@@ -7,15 +8,17 @@
 //
 // Random-init models of the presets (src/models/save.ts) train on random token batches with the trainer's own
 // pieces (the adapter setup of `lowrank train`, its loss masking, AdamW, clipping): a warm-up step, then timed
-// steps. Each case runs in its own process so its peak RSS is its own.
+// steps. Each case, and each PyTorch run, has its own process, so its peak RSS is its own.
 //
-//   npm run bench:train [-- --cases lora-tiny,full-tiny --steps 3 --warmup 1 --timeout-min 30 --all]
-//   (--all adds full fine-tuning of 135m; a case that does not finish within --timeout-min is reported as such)
+//   npm run bench:train [-- --cases lora-tiny,full-tiny --steps 3 --warmup 1 --rounds 2 --timeout-min 30 --all
+//                          --no-torch]
+//   (--all adds full fine-tuning of 135m; a case that does not finish within --timeout-min is reported as such;
+//   each round runs every case, lowrank then PyTorch, and the table takes all rounds' steps together)
 //
-// PyTorch cannot run here, so beside its figures the table gives a reference measured in the same run: the
-// FMA bound, the tokens/s a step would reach if all of its products (stepFlops) ran at this machine's FMA
-// peak and nothing else took time. No implementation reaches it; "3x PyTorch" says how much of it three
-// times PyTorch's figure would take.
+// PyTorch comes from a python3 that imports torch (bench/common.ts torchPython; on Debian: apt-get install
+// python3-torch libopenblas0-pthread). Without one the PyTorch columns stay empty and a note says why. The
+// table also gives the FMA bound: the tokens/s a step would reach if all of its products (stepFlops) ran at
+// this machine's FMA peak, measured in the same run, and nothing else took time.
 
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -25,7 +28,7 @@ import { Rng } from '../src/core/rng.ts';
 import { tidy } from '../src/core/scope.ts';
 import { memoryStats, resetPeakMemory } from '../src/core/storage.ts';
 import type { Tensor } from '../src/core/tensor.ts';
-import type { ModelConfig } from '../src/models/config.ts';
+import { type ModelConfig, PRESETS } from '../src/models/config.ts';
 import type { LlamaForCausalLM } from '../src/models/llama.ts';
 import { initModel, presetConfig } from '../src/models/save.ts';
 import { intTensor } from '../src/ops/create.ts';
@@ -38,7 +41,7 @@ import { type AdapterKind, parseTrainConfig } from '../src/train/config.ts';
 import { type Batch, collate, exampleRows } from '../src/train/data-pack.ts';
 import { AdamW, clipFactor, gradNorm } from '../src/train/optim.ts';
 import { countTargets, shiftedTargets } from '../src/train/trainer.ts';
-import { fmt, machineLine, printTable, ratio } from './common.ts';
+import { fmt, machineLine, printTable, ratio, runTorchReference } from './common.ts';
 
 interface Case {
   key: string;
@@ -228,6 +231,30 @@ async function child(key: string): Promise<void> {
   console.log(JSON.stringify(r));
 }
 
+interface TorchResult {
+  tokensPerSecond: number;
+  medianTokensPerSecond: number;
+  stepSeconds: number[];
+  peakRssBytes: number;
+  gemmGflops: number;
+  torch: string;
+}
+
+/** Two runs of a case as one: all their timed steps, the larger peak RSS (a failed run leaves the other). */
+function mergeSteps<T extends { stepSeconds?: number[]; peakRssBytes?: number }>(a: T, b: T, c: Case): T {
+  if (!a.stepSeconds) return b;
+  if (!b.stepSeconds) return a;
+  const all = [...a.stepSeconds, ...b.stepSeconds];
+  const sorted = [...all].sort((x, y) => x - y);
+  return {
+    ...a,
+    stepSeconds: all,
+    tokensPerSecond: (c.batch * c.seq) / sorted[0]!,
+    medianTokensPerSecond: (c.batch * c.seq) / sorted[Math.floor(sorted.length / 2)]!,
+    peakRssBytes: Math.max(a.peakRssBytes ?? 0, b.peakRssBytes ?? 0),
+  };
+}
+
 function parent(): void {
   const addon = loadNativeAddon();
   console.log(`${machineLine(addon)}; backend ${getBackend().name}`);
@@ -240,94 +267,108 @@ function parent(): void {
   const steps = arg('--steps') ?? '3';
   const warmup = arg('--warmup') ?? '1';
   const timeoutMin = Number(arg('--timeout-min') ?? 30);
+  const withTorch = !process.argv.includes('--no-torch');
   const self = fileURLToPath(import.meta.url);
-  const rows: string[][] = [];
   const notes: string[] = [];
-  const flopsOf = new Map<string, number>();
-  for (const c of cases) {
-    flopsOf.set(c.key, stepFlops(presetConfig(c.preset), c.method, c.batch, c.seq));
-    process.stderr.write(
-      `${c.key}: ${c.method} ${c.preset} ${c.batch}x${c.seq}, ${warmup} warm-up + ${steps} timed step(s)...\n`,
-    );
-    const p = spawnSync(
-      process.execPath,
-      ['--import', 'tsx', self, '--case', c.key, '--steps', steps, '--warmup', warmup],
-      {
-        encoding: 'utf8',
-        maxBuffer: 64 << 20,
-        timeout: timeoutMin * 60_000,
-        killSignal: 'SIGKILL',
-      },
-    );
-    const last = (p.stdout ?? '').trim().split('\n').pop() ?? '';
-    let r: CaseResult;
-    try {
-      r = JSON.parse(last) as CaseResult;
-    } catch {
-      const why =
-        p.signal === 'SIGKILL'
-          ? `did not finish within ${timeoutMin} min (--timeout-min)`
-          : `failed: ${(p.stderr || `exit ${p.status}`).trim().split('\n').slice(-3).join(' ')}`;
-      r = { key: c.key, ok: false, note: why };
+  // rounds alternate lowrank and PyTorch, case by case, so a slow minute on this shared machine falls on both
+  const rounds = Number(arg('--rounds') ?? 2);
+  const results = new Map<string, { c: Case; r: CaseResult; torch?: TorchResult; flops: number }>();
+  for (let round = 0; round < rounds; round++)
+    for (const c of cases) {
+      const flops = stepFlops(presetConfig(c.preset), c.method, c.batch, c.seq);
+      process.stderr.write(
+        `${c.key} (round ${round + 1}/${rounds}): ${c.method} ${c.preset} ${c.batch}x${c.seq}, ${warmup} warm-up + ${steps} timed step(s)...\n`,
+      );
+      const p = spawnSync(
+        process.execPath,
+        ['--import', 'tsx', self, '--case', c.key, '--steps', steps, '--warmup', warmup],
+        {
+          encoding: 'utf8',
+          maxBuffer: 64 << 20,
+          timeout: timeoutMin * 60_000,
+          killSignal: 'SIGKILL',
+        },
+      );
+      const last = (p.stdout ?? '').trim().split('\n').pop() ?? '';
+      let r: CaseResult;
+      try {
+        r = JSON.parse(last) as CaseResult;
+      } catch {
+        const why =
+          p.signal === 'SIGKILL'
+            ? `did not finish within ${timeoutMin} min (--timeout-min)`
+            : `failed: ${(p.stderr || `exit ${p.status}`).trim().split('\n').slice(-3).join(' ')}`;
+        r = { key: c.key, ok: false, note: why };
+      }
+      if (!r.ok) notes.push(`${c.key}: ${r.note}`);
+      console.log(
+        r.ok
+          ? `${c.key}: ${fmt(r.tokensPerSecond, 1)} tokens/s best step, ${fmt(r.medianTokensPerSecond, 1)} median, peak RSS ${fmt((r.peakRssBytes ?? 0) / 1e9, 2)} GB, step times ${r.stepSeconds!.map((x) => x.toFixed(2)).join(', ')} s`
+          : `${c.key}: ${r.note}`,
+      );
+      // the same workload in eager PyTorch, right after (QLoRA has none: bitsandbytes' 4-bit layers need CUDA)
+      let torch: TorchResult | undefined;
+      if (withTorch && c.method !== 'qlora') {
+        process.stderr.write(`${c.key}: PyTorch (bench/reference/torch_llama.py)...\n`);
+        const t = runTorchReference(
+          {
+            config: PRESETS[c.preset],
+            mode: c.method,
+            batch: c.batch,
+            seq: c.seq,
+            steps: Number(steps),
+            warmup: Number(warmup),
+          },
+          threads,
+          timeoutMin * 60_000,
+        );
+        if (t.error !== null) notes.push(`${c.key}: PyTorch reference not measured: ${t.error}`);
+        else {
+          torch = t.value as TorchResult;
+          console.log(
+            `${c.key}: PyTorch ${torch.torch} ${fmt(torch.tokensPerSecond, 1)} tokens/s best step, ${fmt(torch.medianTokensPerSecond, 1)} median, peak RSS ${fmt(torch.peakRssBytes / 1e9, 2)} GB, step times ${torch.stepSeconds.map((x) => x.toFixed(2)).join(', ')} s (its sgemm 1024^3: ${fmt(torch.gemmGflops, 0)} GFLOP/s)`,
+          );
+        }
+      }
+      const prev = results.get(c.key);
+      results.set(c.key, {
+        c,
+        flops,
+        r: prev ? mergeSteps(prev.r, r, c) : r,
+        torch: prev?.torch && torch ? mergeSteps(prev.torch, torch, c) : (torch ?? prev?.torch),
+      });
     }
-    console.log(
-      r.ok
-        ? `${c.key}: ${fmt(r.tokensPerSecond, 1)} tokens/s best step, ${fmt(r.medianTokensPerSecond, 1)} median (PyTorch ${c.torchTps ?? '-'}), peak RSS ${fmt((r.peakRssBytes ?? 0) / 1e9, 2)} GB, step times ${r.stepSeconds!.map((x) => x.toFixed(2)).join(', ')} s`
-        : `${c.key}: ${r.note}`,
-    );
-    const torchRss = c.torchRssGB === null ? undefined : c.torchRssGB;
-    const rssGB = r.peakRssBytes === undefined ? undefined : r.peakRssBytes / 1e9;
-    if (!r.ok) {
-      notes.push(`${c.key}: ${r.note}`);
-      rows.push([
-        c.key,
-        `${c.batch}x${c.seq}`,
-        '-',
-        'n/a',
-        'n/a',
-        fmt(c.torchTps ?? undefined, 0),
-        '-',
-        '-',
-        fmt(torchRss, 1),
-        '-',
-        '-',
-        fmt(flopsOf.get(c.key)! / 1e9, 0),
-        '-',
-        '-',
-        '-',
-      ]);
-      continue;
-    }
-    rows.push([
-      c.key,
-      `${c.batch}x${c.seq}`,
-      `${((100 * r.trainable!) / r.total!).toFixed(2)}%`,
-      fmt(r.tokensPerSecond, 0),
-      fmt(r.medianTokensPerSecond, 0),
-      fmt(c.torchTps ?? undefined, 0),
-      ratio(r.tokensPerSecond, c.torchTps ?? undefined),
-      fmt(rssGB, 2),
-      fmt(torchRss, 1),
-      ratio(rssGB, torchRss),
-      fmt(r.peakTensorBytes! / 1e9, 2),
-      fmt(flopsOf.get(c.key)! / 1e9, 0),
-    ]);
-  }
   // the bound columns, once the peak has been measured again after the cases
   const after = peak();
   if (after !== undefined && (peakGflops === undefined || after > peakGflops)) peakGflops = after;
-  cases.forEach((c, i) => {
-    const row = rows[i]!;
-    const tps = Number(row[3]);
-    const bound = peakGflops === undefined ? undefined : (peakGflops * 1e9 * c.batch * c.seq) / flopsOf.get(c.key)!;
-    row.push(
+  const rows = [...results.values()].map(({ c, r, torch, flops }) => {
+    const bound = peakGflops === undefined ? undefined : (peakGflops * 1e9 * c.batch * c.seq) / flops;
+    const rssGB = r.peakRssBytes === undefined ? undefined : r.peakRssBytes / 1e9;
+    const torchGB = torch ? torch.peakRssBytes / 1e9 : undefined;
+    return [
+      c.key,
+      `${c.batch}x${c.seq}`,
+      r.ok ? `${((100 * r.trainable!) / r.total!).toFixed(2)}%` : '-',
+      fmt(r.tokensPerSecond, 0),
+      fmt(r.medianTokensPerSecond, 0),
+      fmt(torch?.tokensPerSecond, 0),
+      ratio(r.tokensPerSecond, torch?.tokensPerSecond),
+      ratio(r.medianTokensPerSecond, torch?.medianTokensPerSecond),
+      fmt(c.torchTps ?? undefined, 0),
+      ratio(r.tokensPerSecond, c.torchTps ?? undefined),
+      fmt(rssGB, 2),
+      fmt(torchGB, 2),
+      ratio(rssGB, torchGB),
+      fmt(c.torchRssGB ?? undefined, 1),
+      fmt(r.peakTensorBytes === undefined ? undefined : r.peakTensorBytes / 1e9, 2),
+      fmt(flops / 1e9, 0),
       fmt(bound, 0),
-      Number.isFinite(tps) ? ratio(tps, bound) : '-',
-      c.torchTps === null ? '-' : ratio(3 * c.torchTps, bound),
-    );
+      ratio(r.tokensPerSecond, bound),
+      ratio(torch?.tokensPerSecond, bound),
+    ];
   });
   printTable(
-    'train: tokens/s (batch x seq / step time, fastest timed step after warm-up; median beside it) and peak RSS; PyTorch 1.13 eager fp32 on this CPU from ../shared/anchors.md',
+    'train: tokens/s (batch x seq / step time, fastest timed step after warm-up; median beside it) and peak RSS, beside eager PyTorch on the same workload in this run (bench/reference/torch_llama.py) and the figures of ../shared/anchors.md (PyTorch 1.13 on the CPU the anchors were taken on)',
     [
       'case',
       'batch',
@@ -336,20 +377,24 @@ function parent(): void {
       'median',
       'PyTorch',
       'ratio',
+      'median ratio',
+      'anchor',
+      'ratio',
       'peak RSS GB',
       'PyTorch GB',
       'ratio',
+      'anchor GB',
       'tensors GB',
       'GFLOP/step',
       'FMA bound tok/s',
       'of bound',
-      '3x PyTorch',
+      'PyTorch of bound',
     ],
     rows,
   );
   if (peakGflops !== undefined)
     console.log(
-      `\nFMA bound = ${fmt(peakGflops, 0)} GFLOP/s (this machine's FMA peak, ${threads} threads, measured in this run) x tokens / GFLOP per step; "3x PyTorch" = three times PyTorch's tokens/s as a share of it.`,
+      `\nFMA bound = ${fmt(peakGflops, 0)} GFLOP/s (this machine's FMA peak, ${threads} threads, measured in this run) x tokens / GFLOP per step.`,
     );
   console.log(
     '\nratio = lowrank / PyTorch (higher is faster for tokens/s; lower is leaner for memory). These machines are shared and noisy (about ±20%).',
