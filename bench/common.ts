@@ -170,7 +170,7 @@ export function torchPython(): { python: string; error: null } | { python: null;
   }
   torchPythonFound = {
     python: null,
-    error: `no python3 with torch (tried ${candidates.join(', ')}; on Debian: apt-get install python3-torch libopenblas0-pthread, or set LOWRANK_PYTHON)`,
+    error: `no python3 with torch (tried ${candidates.join(', ')}; on Debian: apt-get install python3-torch libopenblas0-openmp, or set LOWRANK_PYTHON)`,
   };
   return torchPythonFound;
 }

@@ -13,6 +13,10 @@ mode: lora | full (training; tokens/s per step), generate (prefill of `seq` toke
 tokens with a KV cache; "dtype": "float32" or "bfloat16"). Prints one JSON line: the fastest and median
 figures, every step's seconds and the peak RSS of this process.
 
+mode check ({"model_dir": HF dir of f32 safetensors, "adapter_dir": PEFT LoRA dir or null, "ids": [[...]]}):
+the logits, the summed next-token cross-entropy and its gradients with respect to the LoRA weights (by their
+PEFT names), so test/reference/torch-llama.test.ts can check that this reference computes what lowrank does.
+
 Needs torch with a fast BLAS. On Debian: apt-get install python3-torch libopenblas0-openmp. Without OpenBLAS
 torch falls back to the reference BLAS, 30x slower, and the comparison means nothing. OpenBLAS's OpenMP
 build shares torch's OpenMP threads; its pthread build (libopenblas0-pthread, which update-alternatives
@@ -132,7 +136,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
         self.norm = RMSNorm(c["hidden_size"], c.get("rms_norm_eps", 1e-6))
         self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
-        self.lm_head.weight = self.embed_tokens.weight  # tie_word_embeddings
+        if c.get("tie_word_embeddings", False):
+            self.lm_head.weight = self.embed_tokens.weight
         for m in self.modules():  # transformers' init: normal(0, 0.02)
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -255,10 +260,63 @@ def blas_library():
     return ", ".join(sorted(libs)) or "none found"
 
 
+def read_safetensors(path):
+    """An f32 safetensors file as {name: tensor} (the format: u64 header length, JSON header, raw data)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] != "F32":
+            raise SystemExit(f"{path}: {name} is {info['dtype']}; the check reads F32 only")
+        a, b = info["data_offsets"]
+        out[name] = torch.frombuffer(bytearray(data[a:b]), dtype=torch.float32).reshape(info["shape"])
+    return out
+
+
+def check(spec):
+    """Logits, summed shifted cross-entropy and LoRA gradients of a saved model (and adapter)."""
+    with open(f"{spec['model_dir']}/config.json") as f:
+        c = json.load(f)
+    model = Llama(c)
+    state = {k.removeprefix("model."): v for k, v in read_safetensors(f"{spec['model_dir']}/model.safetensors").items()}
+    if c.get("tie_word_embeddings", False):
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    prefix = "base_model.model.model."
+    lora = {}
+    if spec.get("adapter_dir"):
+        with open(f"{spec['adapter_dir']}/adapter_config.json") as f:
+            ac = json.load(f)
+        add_lora(model, ac["r"], ac["lora_alpha"])
+        params = dict(model.named_parameters())
+        for name, t in read_safetensors(f"{spec['adapter_dir']}/adapter_model.safetensors").items():
+            p = params[name.removeprefix(prefix)]
+            with torch.no_grad():
+                p.copy_(t)
+            lora[name] = p
+    ids = torch.tensor(spec["ids"])
+    logits, _ = model(ids)
+    V = c["vocab_size"]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    return {
+        "logits": logits.detach().reshape(-1).tolist(),
+        "loss": loss.item(),
+        "grads": {n: p.grad.reshape(-1).tolist() for n, p in lora.items()},
+    }
+
+
 def main():
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec.get("threads", 2))
     torch.manual_seed(0)
+    if spec["mode"] == "check":
+        print(json.dumps(check(spec)))
+        return
     gemm = gemm_gflops()
     model = Llama(spec["config"])
     if spec["mode"] in ("lora", "full"):
