@@ -1,6 +1,6 @@
 // npm run bench:generate — prefill and decode tokens/s for the 135m preset (SmolLM2-135M shape) with f32 and
-// bf16 weights, beside the memory-bandwidth bound measured in the same run (decode reads every weight once
-// per token, so bandwidth / weight bytes bounds tokens/s) and eager PyTorch on the same workload and dtype in
+// bf16 weights, beside the memory-bandwidth bound measured in the same run (a decoding step reads every weight
+// once and the f32 KV cache up to its position, so bandwidth / those bytes bounds tokens/s) and eager PyTorch on the same workload and dtype in
 // the same run (bench/reference/torch_llama.py; NO_TORCH=1 skips it). ../shared/anchors.md gives PyTorch 1.13
 // 158 tokens/s prefill and 7.5 tokens/s decode (f32) on the CPU the anchors were taken on. Each dtype runs with
 // the decoding layout (useDecodeLayout, as lowrank generate and serve use) and with the default one.
@@ -42,7 +42,7 @@ const torchFor = (dtype: 'f32' | 'bf16') => {
   torchOf.set(dtype, t.value as { prefillTokensPerSecond: number; decodeTokensPerSecond: number });
   return torchOf.get(dtype);
 };
-const measured: { weightBytes: number; decodeTps: number }[] = [];
+const measured: { stepBytes: number; decodeTps: number }[] = [];
 // the default weight layout too (LAYOUTS=decode to skip it): the same-run reference for the decoding layout
 const layouts = (process.env.LAYOUTS ?? 'decode,default').split(',');
 for (const dtype of ['f32', 'bf16'] as const)
@@ -77,11 +77,14 @@ for (const dtype of ['f32', 'bf16'] as const)
     model.dispose();
     const prefillTps = prefillLen / prefillS;
     const decodeTps = decodeTokens / decodeS;
-    measured.push({ weightBytes, decodeTps });
+    // K and V (f32, every layer and kv head) at the decoded positions' mean cache length
+    const meanLen = prefillLen + (decodeTokens + 1) / 2;
+    const kvBytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4 * meanLen;
+    measured.push({ stepBytes: weightBytes + kvBytes, decodeTps });
     const torch = torchFor(dtype);
     rows.push([
       `${dtype}, ${layout} layout`,
-      `${(weightBytes / 1e6).toFixed(0)} MB`,
+      `${(weightBytes / 1e6).toFixed(0)} + ${((measured.at(-1)!.stepBytes - weightBytes) / 1e6).toFixed(0)} MB`,
       fmt(prefillTps),
       fmt(torch?.prefillTokensPerSecond),
       ratio(prefillTps, torch?.prefillTokensPerSecond),
@@ -93,15 +96,15 @@ for (const dtype of ['f32', 'bf16'] as const)
     ]);
   }
 keepBest(probe());
-measured.forEach(({ weightBytes, decodeTps }, i) => {
-  const bound = readT === undefined ? undefined : (readT * 1e9) / weightBytes;
+measured.forEach(({ stepBytes, decodeTps }, i) => {
+  const bound = readT === undefined ? undefined : (readT * 1e9) / stepBytes;
   rows[i]!.push(fmt(bound, 1), ratio(decodeTps, bound));
 });
 printTable(
   `generate: ${preset}, prefill 1x${prefillLen}, greedy decode ${decodeTokens} tokens with the KV cache${readT !== undefined ? `; read bandwidth ${fmt(readT)} GB/s (${threads} threads, best of ${layouts.length * 2 + 2} probes in this run)` : ''}`,
   [
     'weights, layout',
-    'bytes',
+    'bytes/token (weights + KV)',
     'prefill tok/s',
     'PyTorch',
     'ratio',
