@@ -19,6 +19,7 @@ import { loadAdapter, saveAdapter } from '../../src/peft/lora/io.ts';
 import { LoraLinear } from '../../src/peft/lora/layer.ts';
 import { LoraModel } from '../../src/peft/lora/model.ts';
 import { doraWeightNorm } from '../../src/peft/lora/ops.ts';
+import { maxRelDiff } from '../peft/helpers.ts';
 
 const DATA = fileURLToPath(new URL('./data/', import.meta.url));
 const skip = existsSync(join(DATA, 'manifest.json'))
@@ -58,18 +59,6 @@ function logits(model: LlamaForCausalLM, ids: number[][], adapterRows?: unknown)
   );
 }
 
-/** max |a - b| / max |b|. */
-function rel(a: Float32Array, b: Float32Array): number {
-  assert.equal(a.length, b.length);
-  let d = 0;
-  let s = 0;
-  for (let i = 0; i < a.length; i++) {
-    d = Math.max(d, Math.abs(a[i]! - b[i]!));
-    s = Math.max(s, Math.abs(b[i]!));
-  }
-  return d / (s || 1);
-}
-
 async function base(): Promise<LlamaForCausalLM> {
   return (await loadModel(join(DATA, 'base'), { dtype: 'f32' })).model;
 }
@@ -79,7 +68,7 @@ const inputs: number[][] = skip ? [] : json('inputs.json').input_ids;
 
 test('the base model gives PEFT/transformers logits', { skip }, async () => {
   const want = readTensors(join(DATA, 'base_logits.safetensors')).get('logits')!.data;
-  assert.ok(rel(logits(await base(), inputs), want) < 1e-5);
+  assert.ok(maxRelDiff(logits(await base(), inputs), want) < 1e-5);
 });
 
 test('adapters saved by PEFT load and give its logits; merging gives its merged weights', { skip }, async () => {
@@ -87,16 +76,16 @@ test('adapters saved by PEFT load and give its logits; merging gives its merged 
     const m = await base();
     const pm = loadAdapter(m, join(DATA, 'adapters', name), quiet);
     const want = readTensors(join(DATA, 'logits', `${name}.safetensors`));
-    assert.ok(rel(logits(m, inputs), want.get('logits')!.data) < 1e-4, `${name}: unmerged logits`);
+    assert.ok(maxRelDiff(logits(m, inputs), want.get('logits')!.data) < 1e-4, `${name}: unmerged logits`);
     const merged = pm.mergeAndUnload({ safe: true });
-    assert.ok(rel(logits(merged, inputs), want.get('merged_logits')!.data) < 1e-4, `${name}: merged logits`);
+    assert.ok(maxRelDiff(logits(merged, inputs), want.get('merged_logits')!.data) < 1e-4, `${name}: merged logits`);
     const ref = readTensors(join(DATA, 'merged', `${name}.safetensors`));
     const ours = new Map(merged.namedParameters());
     for (const [k, t] of ref) {
       if (k.endsWith('rotary_emb.inv_freq')) continue;
       const p = ours.get(k);
       assert.ok(p, `${name}: merged tensor ${k} present`);
-      assert.ok(rel(p.toF32(), t.data) < 1e-5, `${name}: merged ${k}`);
+      assert.ok(maxRelDiff(p.toF32(), t.data) < 1e-5, `${name}: merged ${k}`);
     }
   }
 });
@@ -110,7 +99,7 @@ test('DoRA magnitude is ||W + s B A|| per output row, as PEFT initialises it', {
     const A = l.loraA.get('default')!.weight;
     const B = l.loraB.get('default')!.weight;
     const n = doraWeightNorm(l.weight, A, B, l.scalingOf('default')).toF32();
-    assert.ok(rel(n, l.magnitude.get('default')!.weight.toF32()) < 1e-5, path);
+    assert.ok(maxRelDiff(n, l.magnitude.get('default')!.weight.toF32()) < 1e-5, path);
     checked++;
   }
   assert.ok(checked >= 6);
@@ -148,11 +137,11 @@ test('two adapters saved together load; mixed-batch logits match PEFT adapter_na
   const pm = loadAdapter(m, join(DATA, 'multi'), quiet);
   loadAdapter(pm, join(DATA, 'multi', 'other'), { adapterName: 'other', ...quiet });
   const want = readTensors(join(DATA, 'multi_logits.safetensors'));
-  assert.ok(rel(logits(m, inputs), want.get('default')!.data) < 1e-4);
+  assert.ok(maxRelDiff(logits(m, inputs), want.get('default')!.data) < 1e-4);
   pm.setAdapter('other');
-  assert.ok(rel(logits(m, inputs), want.get('other')!.data) < 1e-4);
+  assert.ok(maxRelDiff(logits(m, inputs), want.get('other')!.data) < 1e-4);
   const mj = json('multi.json');
-  assert.ok(rel(logits(m, mj.input_ids, mj.adapter_names), want.get('mixed')!.data) < 1e-4);
+  assert.ok(maxRelDiff(logits(m, mj.input_ids, mj.adapter_names), want.get('mixed')!.data) < 1e-4);
 });
 
 test('target matching picks the same modules as PEFT', { skip }, async () => {
@@ -193,7 +182,7 @@ test('PiSSA and OLoRA rewrite the base weight as PEFT does', { skip }, async () 
       { rng: new Rng(1) },
     );
     const l = pm.model.getModule('model.layers.0.self_attn.q_proj') as LoraLinear;
-    assert.ok(rel(l.weight.toF32(), want.get('base_weight')!.data) < 1e-4, `${init}: residual base weight`);
+    assert.ok(maxRelDiff(l.weight.toF32(), want.get('base_weight')!.data) < 1e-4, `${init}: residual base weight`);
     const ba = (A: Float32Array, B: Float32Array, out: number, r: number, inF: number) => {
       const y = new Float32Array(out * inF);
       for (let o = 0; o < out; o++)
@@ -203,13 +192,13 @@ test('PiSSA and OLoRA rewrite the base weight as PEFT does', { skip }, async () 
     const A = l.loraA.get('default')!.weight.toF32();
     const B = l.loraB.get('default')!.weight.toF32();
     assert.ok(
-      rel(ba(A, B, 16, 4, 16), ba(want.get('lora_A')!.data, want.get('lora_B')!.data, 16, 4, 16)) < 1e-4,
+      maxRelDiff(ba(A, B, 16, 4, 16), ba(want.get('lora_A')!.data, want.get('lora_B')!.data, 16, 4, 16)) < 1e-4,
       `${init}: B A`,
     );
     if (init === 'olora') {
       // Householder QR with LAPACK's signs: A and B themselves match
-      assert.ok(rel(A, want.get('lora_A')!.data) < 1e-4);
-      assert.ok(rel(B, want.get('lora_B')!.data) < 1e-4);
+      assert.ok(maxRelDiff(A, want.get('lora_A')!.data) < 1e-4);
+      assert.ok(maxRelDiff(B, want.get('lora_B')!.data) < 1e-4);
     }
   }
 });

@@ -20,7 +20,7 @@ import { reshape } from '../../src/ops/shape.ts';
 import { backward } from '../../src/ops/tape.ts';
 import { saveAdapter } from '../../src/peft/lora/io.ts';
 import { LoraModel } from '../../src/peft/lora/model.ts';
-import { randomizeAdapters, tinyModel } from '../peft/helpers.ts';
+import { maxRelDiff, randomizeAdapters, tinyModel } from '../peft/helpers.ts';
 
 const found = torchPython();
 const skip = found.python === null ? found.error : false;
@@ -34,18 +34,6 @@ const IDS = [
   [3, 7, 1, 12, 40, 5, 9, 22, 31, 2],
   [9, 2, 33, 4, 4, 17, 45, 11, 0, 6],
 ];
-
-/** max |a - b| / max |b|. */
-function rel(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  assert.equal(a.length, b.length);
-  let d = 0;
-  let s = 0;
-  for (let i = 0; i < a.length; i++) {
-    d = Math.max(d, Math.abs(a[i]! - b[i]!));
-    s = Math.max(s, Math.abs(b[i]!));
-  }
-  return d / (s || 1);
-}
 
 interface Check {
   logits: number[];
@@ -91,7 +79,8 @@ for (const tied of [true, false])
     );
     assert.equal(r.error, null, String(r.error));
     const ref = r.value as Check;
-    assert.ok(rel(logits, ref.logits) < 1e-5, `logits differ: ${rel(logits, ref.logits)}`);
+    const le = maxRelDiff(logits, Float32Array.from(ref.logits));
+    assert.ok(le < 1e-5, `logits differ: ${le}`);
     assert.ok(Math.abs(loss - ref.loss) < 1e-5 * Math.abs(ref.loss), `loss ${loss} vs ${ref.loss}`);
     // every LoRA weight has a gradient in both, under the PEFT name the adapter file uses
     assert.equal(Object.keys(ref.grads).length, trainable.length);
@@ -101,7 +90,7 @@ for (const tied of [true, false])
       const g = ref.grads[saved];
       assert.ok(g, `no PyTorch gradient for ${saved}`);
       assert.ok(p.grad, `no lowrank gradient for ${name}`);
-      const e = rel(p.grad.toF32(), g);
+      const e = maxRelDiff(p.grad.toF32(), Float32Array.from(g));
       assert.ok(e < 1e-4, `${name}: gradient differs by ${e}`);
     }
   });
