@@ -39,7 +39,9 @@ const torchFor = (dtype: 'f32' | 'bf16') => {
     notes.push(`PyTorch ${dtype} not measured: ${t.error}`);
     return undefined;
   }
-  torchOf.set(dtype, t.value as { prefillTokensPerSecond: number; decodeTokensPerSecond: number });
+  const v = t.value as { prefillTokensPerSecond: number; decodeTokensPerSecond: number; blas: string; torch: string };
+  console.log(`PyTorch ${v.torch} ${dtype}: BLAS ${v.blas}`);
+  torchOf.set(dtype, v);
   return torchOf.get(dtype);
 };
 const measured: { stepBytes: number; decodeTps: number }[] = [];

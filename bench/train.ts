@@ -237,6 +237,7 @@ interface TorchResult {
   stepSeconds: number[];
   peakRssBytes: number;
   gemmGflops: number;
+  blas: string;
   torch: string;
 }
 
@@ -326,7 +327,7 @@ function parent(): void {
         else {
           torch = t.value as TorchResult;
           console.log(
-            `${c.key}: PyTorch ${torch.torch} ${fmt(torch.tokensPerSecond, 1)} tokens/s best step, ${fmt(torch.medianTokensPerSecond, 1)} median, peak RSS ${fmt(torch.peakRssBytes / 1e9, 2)} GB, step times ${torch.stepSeconds.map((x) => x.toFixed(2)).join(', ')} s (its sgemm 1024^3: ${fmt(torch.gemmGflops, 0)} GFLOP/s)`,
+            `${c.key}: PyTorch ${torch.torch} ${fmt(torch.tokensPerSecond, 1)} tokens/s best step, ${fmt(torch.medianTokensPerSecond, 1)} median, peak RSS ${fmt(torch.peakRssBytes / 1e9, 2)} GB, step times ${torch.stepSeconds.map((x) => x.toFixed(2)).join(', ')} s (its sgemm 1024^3: ${fmt(torch.gemmGflops, 0)} GFLOP/s; BLAS ${torch.blas})`,
           );
         }
       }

@@ -254,7 +254,7 @@ def blas_library():
     """The BLAS torch loaded (Debian's torch takes whichever libblas.so.3 update-alternatives points at)."""
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "blas" in line.split()[-1]}
+            libs = {line.split()[-1] for line in f if "blas" in line.split()[-1].rsplit("/", 1)[-1]}
     except OSError:
         return "unknown"
     return ", ".join(sorted(libs)) or "none found"
