@@ -58,9 +58,11 @@ for (const dtype of ['f32', 'bf16'] as const)
     for (const [, p] of model.namedParameters()) weightBytes += p.size * (p.dtype === 'f32' ? 4 : 2);
     const rng = new Rng(1);
     const prompt = Array.from({ length: prefillLen }, () => 3 + rng.int(cfg.vocab_size - 3));
-    // warm up (the JIT compiles the decoding path over its first few dozen steps), then time prefill and decode
-    const warm = new DecodeSession(model, 1, 40);
-    warm.step([prompt.slice(0, 4)]);
+    // warm up, then time prefill and decode: a whole prefill first (its activations and logits are the largest
+    // buffers; the first row of a run otherwise paid their first touch, and prefill came out 12-25% slower
+    // there), then a few dozen decoding steps (the JIT compiles the decoding path over them)
+    const warm = new DecodeSession(model, 1, prefillLen + 33);
+    warm.step([prompt]);
     for (let i = 0; i < 32; i++) warm.step([[prompt[i]!]]);
     warm.dispose();
     const s = new DecodeSession(model, 1, prefillLen + decodeTokens + 1);
