@@ -400,7 +400,7 @@ function parent(): void {
   console.log(
     '\nratio = lowrank / PyTorch (higher is faster for tokens/s; lower is leaner for memory). These machines are shared and noisy (about ±20%).',
   );
-  for (const n of notes) console.log(`note: ${n}`);
+  for (const n of new Set(notes)) console.log(`note: ${n}`);
 }
 
 const caseKey = arg('--case');
