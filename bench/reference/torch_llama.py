@@ -14,8 +14,8 @@ tokens with a KV cache; "dtype": "float32" or "bfloat16"). Prints one JSON line:
 figures, every step's seconds and the peak RSS of this process.
 
 mode check ({"model_dir": HF dir of f32 safetensors, "adapter_dir": PEFT LoRA dir or null, "ids": [[...]]}):
-the logits, the summed next-token cross-entropy and its gradients with respect to the LoRA weights (by their
-PEFT names), so test/reference/torch-llama.test.ts can check that this reference computes what lowrank does.
+the logits, the summed next-token cross-entropy and its gradients with respect to the LoRA weights and DoRA
+magnitudes (by their PEFT names), so test/reference/torch-llama.test.ts can check that this reference computes what lowrank does.
 
 Needs torch with a fast BLAS. On Debian: apt-get install python3-torch libopenblas0-openmp. Without OpenBLAS
 torch falls back to the reference BLAS, 30x slower, and the comparison means nothing. OpenBLAS's OpenMP
@@ -47,9 +47,11 @@ class RMSNorm(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """PEFT's LoRA layer with dropout 0: base(x) + lora_B(lora_A(x)) * scaling."""
+    """PEFT's LoRA layer with dropout 0: base(x) + lora_B(lora_A(x)) * scaling. With DoRA, PEFT's
+    DoraLinearLayer: the output scaled per row by magnitude / ||W + scaling B A|| (the norm detached), the
+    magnitude starting as the row norms of W."""
 
-    def __init__(self, base, r, alpha):
+    def __init__(self, base, r, alpha, dora=False):
         super().__init__()
         self.base = base
         self.lora_A = nn.Linear(base.in_features, r, bias=False)
@@ -57,9 +59,18 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / r
+        self.dora = dora
+        if dora:
+            self.lora_magnitude_vector = nn.Parameter(base.weight.detach().norm(p=2, dim=1))
 
     def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+        base = self.base(x)
+        lora = self.lora_B(self.lora_A(x)) * self.scaling
+        if not self.dora:
+            return base + lora
+        w = self.base.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        scale = self.lora_magnitude_vector / w.norm(p=2, dim=1).detach()
+        return base + (scale - 1) * base + scale * lora
 
 
 def rotate_half(x):
@@ -171,14 +182,14 @@ class Llama(nn.Module):
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def add_lora(model, r, alpha):
+def add_lora(model, r, alpha, dora=False):
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in TARGETS:
                 if hasattr(parent, name):
-                    setattr(parent, name, LoraLinear(getattr(parent, name), r, alpha))
+                    setattr(parent, name, LoraLinear(getattr(parent, name), r, alpha, dora))
 
 
 def peak_rss():
@@ -278,7 +289,7 @@ def read_safetensors(path):
 
 
 def check(spec):
-    """Logits, summed shifted cross-entropy and LoRA gradients of a saved model (and adapter)."""
+    """Logits, summed shifted cross-entropy and LoRA / DoRA gradients of a saved model (and adapter)."""
     with open(f"{spec['model_dir']}/config.json") as f:
         c = json.load(f)
     model = Llama(c)
@@ -291,7 +302,9 @@ def check(spec):
     if spec.get("adapter_dir"):
         with open(f"{spec['adapter_dir']}/adapter_config.json") as f:
             ac = json.load(f)
-        add_lora(model, ac["r"], ac["lora_alpha"])
+        if ac.get("use_rslora"):
+            raise SystemExit("check: rsLoRA adapters are not supported here")
+        add_lora(model, ac["r"], ac["lora_alpha"], bool(ac.get("use_dora")))
         params = dict(model.named_parameters())
         for name, t in read_safetensors(f"{spec['adapter_dir']}/adapter_model.safetensors").items():
             p = params[name.removeprefix(prefix)]

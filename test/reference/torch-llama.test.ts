@@ -1,6 +1,7 @@
 // The PyTorch reference of bench:train and bench:generate (bench/reference/torch_llama.py) computes what
-// lowrank computes: on the same saved base model and PEFT adapter, its logits, its summed next-token
-// cross-entropy and the LoRA weights' gradients (PyTorch autograd) match lowrank's. This also checks lowrank's
+// lowrank computes: on the same saved base model and PEFT adapter (LoRA, and DoRA as PEFT's DoraLinearLayer
+// computes it), its logits, its summed next-token cross-entropy and the adapter weights' gradients (PyTorch
+// autograd) match lowrank's. This also checks lowrank's
 // forward and backward against an independent implementation. Skips, with the reason printed, where no python3
 // imports torch (on Debian: apt-get install python3-torch).
 
@@ -41,14 +42,18 @@ interface Check {
   grads: Record<string, number[]>;
 }
 
-for (const tied of [true, false])
-  test(`torch_llama.py gives lowrank's logits, loss and LoRA gradients (tie_word_embeddings ${tied})`, {
+for (const [tied, dora] of [
+  [true, false],
+  [false, false],
+  [true, true],
+])
+  test(`torch_llama.py gives lowrank's logits, loss and ${dora ? 'DoRA' : 'LoRA'} gradients (tie_word_embeddings ${tied})`, {
     skip,
   }, async () => {
-    const dir = join(tmp, `tied-${tied}`);
+    const dir = join(tmp, `tied-${tied}-dora-${dora}`);
     const model = tinyModel(3, { tie_word_embeddings: tied, rope_theta: 10000 });
     await saveModelHF(model.namedParameters(), model.config, join(dir, 'base'));
-    const pm = new LoraModel(model, { r: 4, lora_alpha: 8, target_modules: TARGETS }, 'default', {
+    const pm = new LoraModel(model, { r: 4, lora_alpha: 8, target_modules: TARGETS, use_dora: dora }, 'default', {
       rng: new Rng(2),
       onWarning: () => {},
     });
@@ -82,11 +87,14 @@ for (const tied of [true, false])
     const le = maxRelDiff(logits, Float32Array.from(ref.logits));
     assert.ok(le < 1e-5, `logits differ: ${le}`);
     assert.ok(Math.abs(loss - ref.loss) < 1e-5 * Math.abs(ref.loss), `loss ${loss} vs ${ref.loss}`);
-    // every LoRA weight has a gradient in both, under the PEFT name the adapter file uses
+    // every LoRA weight (and DoRA magnitude) has a gradient in both, under the PEFT name the adapter file uses;
+    // the magnitudes start as W's row norms and B is random, so DoRA's rescaling is not the identity here
     assert.equal(Object.keys(ref.grads).length, trainable.length);
-    assert.equal(trainable.length, 2 * 2 * TARGETS.length);
+    assert.equal(trainable.length, 2 * (dora ? 3 : 2) * TARGETS.length);
     for (const [name, p] of trainable) {
-      const saved = name.replace('.default.', '.');
+      const saved = name
+        .replace(/\.lora_magnitude_vector\.default\.weight$/, '.lora_magnitude_vector')
+        .replace('.default.', '.');
       const g = ref.grads[saved];
       assert.ok(g, `no PyTorch gradient for ${saved}`);
       assert.ok(p.grad, `no lowrank gradient for ${name}`);
