@@ -1,9 +1,10 @@
 // npm run bench:generate — prefill and decode tokens/s for the 135m preset (SmolLM2-135M shape) with f32 and
 // bf16 weights, beside the memory-bandwidth bound measured in the same run (a decoding step reads every weight
-// once and the f32 KV cache up to its position, so bandwidth / those bytes bounds tokens/s) and eager PyTorch on the same workload and dtype in
-// the same run (bench/reference/torch_llama.py; NO_TORCH=1 skips it). ../shared/anchors.md gives PyTorch 1.13
-// 158 tokens/s prefill and 7.5 tokens/s decode (f32) on the CPU the anchors were taken on. Each dtype runs with
-// the decoding layout (useDecodeLayout, as lowrank generate and serve use) and with the default one.
+// once and the f32 KV cache up to its position, so bandwidth / those bytes bounds tokens/s) and eager PyTorch
+// on the same workload and dtype in the same run (bench/reference/torch_llama.py; NO_TORCH=1 skips it).
+// ../shared/anchors.md gives PyTorch 1.13 158 tokens/s prefill and 7.5 tokens/s decode (f32) on the CPU the
+// anchors were taken on. Each dtype runs with the decoding layout (useDecodeLayout, as lowrank generate and
+// serve use) and with the default one.
 
 import { loadNativeAddon } from '../src/backend/cpu/native-addon.ts';
 import { getBackend } from '../src/backend/index.ts';
@@ -88,7 +89,7 @@ for (const dtype of ['f32', 'bf16'] as const)
     const torch = torchFor(dtype);
     rows.push([
       `${dtype}, ${layout} layout`,
-      `${(weightBytes / 1e6).toFixed(0)} + ${((measured.at(-1)!.stepBytes - weightBytes) / 1e6).toFixed(0)} MB`,
+      `${(weightBytes / 1e6).toFixed(0)} + ${(kvBytes / 1e6).toFixed(0)} MB`,
       fmt(prefillTps),
       fmt(torch?.prefillTokensPerSecond),
       ratio(prefillTps, torch?.prefillTokensPerSecond),
