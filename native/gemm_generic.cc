@@ -71,12 +71,18 @@ __attribute__((always_inline)) inline void ukr(int64_t kc, const float* __restri
 struct Skinny;
 void skinny_dot(const Skinny& sk, int64_t l0, int64_t l1);
 void skinny_axpy(const Skinny& sk, int64_t l0, int64_t l1);
+bool skinny_tn(const GemmCall& g, int threads);
 void fma_peak_thread(double ms, int64_t* flops);
 uint64_t read_sum(const uint8_t* p, int64_t bytes);
 
 }  // namespace
 
 #include "gemm_driver.h"
+
+namespace {
+// No kernel of its own here: few rows over a long K stay on the blocked path (see gemm_one).
+bool skinny_tn(const GemmCall&, int) { return false; }
+}  // namespace
 
 namespace {
 

@@ -269,6 +269,21 @@ function checkAll(n: NativeAddon, seed: number, ctx: string): void {
       );
     }
   }
+  // Few rows over a long K with A transposed (LoRA's weight gradients du^T x, K = the batch's tokens): f32 takes
+  // AVX2's in-place 6 x 16 tiles (skinny_tn), other dtypes and ISAs the blocked path; partial column tiles and
+  // every row remainder.
+  for (const M of [1, 5, 6, 7, 12, 16])
+    for (const [N, K] of [
+      [16, 512],
+      [40, 700],
+      [257, 520],
+    ])
+      runCase(
+        n,
+        rng,
+        { transA: true, transB: false, M, N: N!, K: K!, aDtype: 0, bDtype: M === 7 ? 1 : 0, ...randomScalars(rng) },
+        ctx,
+      );
   // Batched: per-entry strides, B shared by every entry, C interleaved within rows, few and many entries.
   for (const [batch, M, N, K] of [
     [3, 17, 31, 13],
