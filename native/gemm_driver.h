@@ -199,9 +199,10 @@ void gemm_one(const GemmCall& g, int threads) {
     scale_c(g);
     return;
   }
-  // Few rows over a long K (LoRA's dA = du^T x, K = the batch's tokens) go to the blocked kernel, which
-  // amortises its packing there: 16 x 688 x 2048 ran at 65 GFLOP/s skinny and 98 blocked (AVX2). Few columns
-  // stay skinny at any K (blocked was slower: 60 -> 36 GFLOP/s for 256 x 16 x 2048).
+  // Few rows over a long K (LoRA's dA = du^T x, K = the batch's tokens): the ISA's skinny_tn where it has one
+  // (AVX2: A and B read in place), else the blocked kernel, which amortises its packing there: 16 x 688 x 2048
+  // ran at 65 GFLOP/s skinny and 98 blocked (AVX2). Few columns stay skinny at any K (blocked was slower:
+  // 60 -> 36 GFLOP/s for 256 x 16 x 2048).
   if (g.M <= kSkinny && g.M <= g.N && g.K >= kSkinnyLongK && skinny_tn(g, threads)) return;
   const bool small_m = g.M <= kSkinny && g.M <= g.N && g.K < kSkinnyLongK;
   const bool small_n = !small_m && g.N <= kSkinny;
