@@ -267,79 +267,85 @@ constexpr bool gv_interleaved() {
 }
 
 // Q rows of B (k .. k + Q - 1, at row, row + B.rs, ...) into the chains t of R rows of C: c = fma(a_k, b_k, c)
-// in k order. Columns below np16 are in the interleaved order (gv_interleaved).
-template <int R, int DT, int Q>
-inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_t n, int64_t np16, float* t,
-                    int64_t ts) {
+// in k order. Columns below np16 are in the interleaved order (gv_interleaved). With S = 2, two such runs of
+// rows (k[s], row[s], chains t[s]: rows of two different K blocks) side by side, the same columns of each
+// taken together: two streams from memory instead of one, which on two cores reads a weight 10-20% faster than
+// one stream a thread (each chain still takes its own k in order).
+template <int R, int DT, int Q, int S = 1>
+inline void gv_rows(const RG& g, const float* Ap, const int64_t* k, const int64_t* row, int64_t n, int64_t np16,
+                    float* const* t, int64_t ts) {
   const Operand& B = g.B;
-  vf av[R][Q];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < Q; ++q) av[r][q] = vset(Ap[r * g.K + k + q]);
+  vf av[S][R][Q];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < Q; ++q) av[s][r][q] = vset(Ap[r * g.K + k[s] + q]);
   int64_t jv = 0;
 #if defined(__AVX2__) && LR_VW == 8
   if constexpr (gv_interleaved<DT>()) {
     const __m256i z = _mm256_setzero_si256();
     for (; jv < np16; jv += 16) {
-      vf lo[Q], hi[Q];
-      for (int q = 0; q < Q; ++q) {
-        const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)B.p + row + q * B.rs + jv));
-        lo[q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
-        hi[q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
-      }
-      for (int r = 0; r < R; ++r) {
-        float* tp = t + r * ts + jv;
-        vf c0 = vload(tp), c1 = vload(tp + VW);
+      vf lo[S][Q], hi[S][Q];
+      for (int s = 0; s < S; ++s)
         for (int q = 0; q < Q; ++q) {
-          c0 = vfma(av[r][q], lo[q], c0);
-          c1 = vfma(av[r][q], hi[q], c1);
+          const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)B.p + row[s] + q * B.rs + jv));
+          lo[s][q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
+          hi[s][q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
         }
-        vstore(tp, c0);
-        vstore(tp + VW, c1);
-      }
+      for (int s = 0; s < S; ++s)
+        for (int r = 0; r < R; ++r) {
+          float* tp = t[s] + r * ts + jv;
+          vf c0 = vload(tp), c1 = vload(tp + VW);
+          for (int q = 0; q < Q; ++q) {
+            c0 = vfma(av[s][r][q], lo[s][q], c0);
+            c1 = vfma(av[s][r][q], hi[s][q], c1);
+          }
+          vstore(tp, c0);
+          vstore(tp + VW, c1);
+        }
     }
   }
 #endif
   for (; jv < n; jv += VW) {
     const int64_t m = n - jv < VW ? n - jv : VW;
-    vf b[Q];
-    for (int q = 0; q < Q; ++q) b[q] = gv_load<DT>(B.p, row + q * B.rs + jv, m);
-    for (int r = 0; r < R; ++r) {
-      float* tp = t + r * ts + jv;
-      vf c = vload(tp);
-      for (int q = 0; q < Q; ++q) c = vfma(av[r][q], b[q], c);
-      vstore(tp, c);
-    }
+    vf b[S][Q];
+    for (int s = 0; s < S; ++s)
+      for (int q = 0; q < Q; ++q) b[s][q] = gv_load<DT>(B.p, row[s] + q * B.rs + jv, m);
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) {
+        float* tp = t[s] + r * ts + jv;
+        vf c = vload(tp);
+        for (int q = 0; q < Q; ++q) c = vfma(av[s][r][q], b[s][q], c);
+        vstore(tp, c);
+      }
   }
 }
 
 // Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1: each block's chains written or added to C, or,
 // with P, written to P + kb * R * N (the block's own chains, to be added to C in block order by the caller).
+// t holds the chains of two blocks (2 R ts floats, ts = n rounded up to VW).
 template <int R, int DT>
 void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, int64_t kb0, int64_t kb1, float* t,
               float* P) {
   const int64_t nv = (n + VW - 1) / VW, ts = nv * VW;  // t[r * ts + j]: the chains of row r
   const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
-  for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const int64_t k0 = kb * KC;
-    const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
-    for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
-    int64_t k = k0;
-    // Eight rows of B per pass over the chains (each chain still takes its k in order), except over short rows:
-    // there eight rows are eight short streams, which the prefetcher follows worse than one row at a time.
-    if (g.N * (DT == kOpF32 ? 4 : 2) >= 2048)
-      for (; k + 8 <= k0 + kc; k += 8) gv_rows<R, DT, 8>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
-    for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
-    const bool write = P || (k0 == 0 && !g.add);
+  // Eight rows of B per pass over the chains (each chain still takes its k in order), except over short rows:
+  // there eight rows are eight short streams, which the prefetcher follows worse than one row at a time. Short
+  // rows go two whole K blocks at a time instead, side by side (gv_rows with S = 2).
+  const bool long_rows = g.N * (DT == kOpF32 ? 4 : 2) >= 2048;
+  float* const tt[2] = {t, t + R * ts};
+  // block kb's chains (in tb) to C or P
+  auto emit = [&](int64_t kb, const float* tb) {
+    const bool write = P || (kb == 0 && !g.add);
     const float alpha = P ? 1.0f : g.alpha;
     for (int r = 0; r < R; ++r) {
       float* c = P ? P + (kb * R + r) * g.N + j0 : g.C + r * g.ldc + j0;
       for (int64_t jv = 0; jv < n; jv += VW) {
         const int64_t cols = n - jv < VW ? n - jv : VW;
-        vf val = vload(t + r * ts + jv);
+        vf val = vload(tb + r * ts + jv);
 #if defined(__AVX2__) && LR_VW == 8
         if (jv < np16) {  // back from the interleaved order: (0-3, 8-11), (4-7, 12-15) -> 0-7, 8-15
-          const __m256 lo = (__m256)vload(t + r * ts + (jv & ~(int64_t)15));
-          const __m256 hi = (__m256)vload(t + r * ts + (jv & ~(int64_t)15) + VW);
+          const __m256 lo = (__m256)vload(tb + r * ts + (jv & ~(int64_t)15));
+          const __m256 hi = (__m256)vload(tb + r * ts + (jv & ~(int64_t)15) + VW);
           val = (vf)((jv & 15) ? _mm256_permute2f128_ps(lo, hi, 0x31) : _mm256_permute2f128_ps(lo, hi, 0x20));
         }
 #endif
@@ -351,6 +357,35 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, i
         vstore_part(c + jv, val, cols);
       }
     }
+  };
+  for (int64_t kb = kb0; kb < kb1;) {
+    const int64_t k0 = kb * KC;
+    const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
+    if (!long_rows && kb + 1 < kb1 && g.K - k0 >= 2 * KC) {  // two whole blocks side by side
+      for (int64_t i = 0; i < 2 * R * ts; i += VW) vstore(t + i, vset(0.0f));
+      for (int64_t i = 0; i < KC; ++i) {
+        const int64_t ks[2] = {k0 + i, k0 + KC + i};
+        const int64_t rows[2] = {ks[0] * g.B.rs + j0, ks[1] * g.B.rs + j0};
+        gv_rows<R, DT, 1, 2>(g, Ap, ks, rows, n, np16, tt, ts);
+      }
+      emit(kb, tt[0]);
+      emit(kb + 1, tt[1]);
+      kb += 2;
+      continue;
+    }
+    for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
+    int64_t k = k0;
+    if (long_rows)
+      for (; k + 8 <= k0 + kc; k += 8) {
+        const int64_t row = k * g.B.rs + j0;
+        gv_rows<R, DT, 8>(g, Ap, &k, &row, n, np16, tt, ts);
+      }
+    for (; k < k0 + kc; ++k) {
+      const int64_t row = k * g.B.rs + j0;
+      gv_rows<R, DT, 1>(g, Ap, &k, &row, n, np16, tt, ts);
+    }
+    emit(kb, t);
+    ++kb;
   }
 }
 
@@ -398,7 +433,7 @@ void rg_gemv_run(const RG& g, int threads) {
     const int64_t rest = nKB - T * q;
     const int64_t colUnit = 16, nU = (g.N + colUnit - 1) / colUnit;
     par_tasks_n(T, [&](int t) {
-      float* tb = tls_rg_b.get<float>((size_t)(kGemvRows * (kGemvWide + VW)));
+      float* tb = tls_rg_b.get<float>((size_t)(2 * kGemvRows * (kGemvWide + VW)));
       strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q, tb, P);
       if (rest > 0) {
         const int64_t u0 = nU * t / T, u1 = nU * (t + 1) / T;
@@ -419,7 +454,7 @@ void rg_gemv_run(const RG& g, int threads) {
     return;
   }
   par_ranges(nV, T, 1, [&](int64_t v0, int64_t v1) {
-    float* t = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
+    float* t = tls_rg_b.get<float>((size_t)(2 * kGemvRows * kGemvStrip + VW));
     const int64_t j1 = v1 * VW < g.N ? v1 * VW : g.N;
     for (int64_t j0 = v0 * VW; j0 < j1; j0 += kGemvStrip) {
       const int64_t n = j1 - j0 < kGemvStrip ? j1 - j0 : kGemvStrip;

@@ -127,6 +127,8 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
       { n: 2100, k: 37 }, // wider than a strip of the few-row path (ops_gemm.h kGemvStrip)
       { n: 100, k: 4 * kc - 3 }, // four K blocks: the few-row path splits them across threads
       { n: 1030, k: 3 * kc + 7 }, // whole blocks per thread, the short last one shared by columns; long rows
+      { n: 40, k: 4 * kc + 5 }, // short rows: two whole blocks per thread side by side (gv_rows with S = 2)
+      { n: 24, k: 6 * kc }, // three per thread: a pair, then one alone
     ];
     for (const { n, k } of shapes)
       for (const [transA, transB] of [
