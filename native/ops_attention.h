@@ -46,6 +46,8 @@ inline void s_tile(const float* Q, int64_t DP, int64_t D, const float* Kt, float
 }
 
 void s_rows(const float* Q, int64_t R, int64_t DP, int64_t D, const float* Kt, float* S) {
+  // three rows (decoding's G = 3 query heads of a kv head) in one tile: twelve chains in flight, not 8 then 4
+  if (SR == 2 && R == 3) return s_tile<3>(Q, DP, D, Kt, S);
   int64_t r = 0;
   for (; r + SR <= R; r += SR) s_tile<SR>(Q + r * DP, DP, D, Kt, S + r * BK);
   switch (R - r) {
@@ -88,6 +90,7 @@ void pv_rows_nr(const float* P, const float* X, int64_t ldx, int64_t DP, float* 
 }
 
 void pv_rows(const float* P, int64_t R, const float* X, int64_t ldx, int64_t DP, float* O, const float* al) {
+  if (SR == 2 && R == 3) return pv_rows_nr<3>(P, X, ldx, DP, O, al);  // as s_rows
   int64_t r = 0;
   for (; r + SR <= R; r += SR) pv_rows_nr<SR>(P + r * BK, X, ldx, DP, O + r * DP, al ? al + r : nullptr);
   const float* a = al ? al + r : nullptr;
