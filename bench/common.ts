@@ -36,6 +36,12 @@ export function timeBest(
   return { bestMs: times[0]!, medianMs: times[Math.floor(times.length / 2)]!, runs: times.length };
 }
 
+/** The q-quantile of xs (0.5: the median; of an even count, the upper middle value). */
+export function quantile(xs: number[], q: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(q * s.length))]!;
+}
+
 function cpuTimes(): { idle: number; total: number } {
   let idle = 0;
   let total = 0;

@@ -23,7 +23,7 @@ import { loadModel } from '../src/models/load.ts';
 import { startServer } from '../src/serve/server.ts';
 import { loadTokenizer } from '../src/tokenize/hf.ts';
 import { writeAdapter } from '../test/serve/helpers.ts';
-import { fmt, machineLine, printTable, ratio } from './common.ts';
+import { fmt, machineLine, printTable, quantile, ratio } from './common.ts';
 
 const STORIES = fileURLToPath(new URL('../../shared/models/stories260K/stories260K.gguf', import.meta.url));
 const CONC = Number(process.env.CONC ?? 32);
@@ -41,11 +41,6 @@ const ALL = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'do
 if (!existsSync(STORIES)) {
   console.log(`bench:serve needs ${STORIES}`);
   process.exit(0);
-}
-
-function quantile(xs: number[], q: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(q * s.length))]!;
 }
 
 console.log(`${machineLine(null)}; backend ${getBackend().name}`);
