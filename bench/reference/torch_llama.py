@@ -10,8 +10,8 @@ packages only), so the model and the adapter are written here, in plain torch, w
                           "steps": 3, "warmup": 1, "threads": 2}'
 
 mode: lora | full (training; tokens/s per step), generate (prefill of `seq` tokens, then `decode` greedy
-tokens with a KV cache, `rounds` times; "dtype": "float32" or "bfloat16"). Prints one JSON line: the fastest and median
-figures, every step's seconds and the peak RSS of this process.
+tokens with a KV cache, `rounds` times; "dtype": "float32" or "bfloat16"). Prints one JSON line: the fastest
+and median figures, every step's seconds and the peak RSS of this process.
 
 mode check ({"model_dir": HF dir of f32 safetensors, "adapter_dir": PEFT LoRA dir or null, "ids": [[...]]}):
 the logits, the summed next-token cross-entropy and its gradients with respect to the LoRA weights and DoRA
