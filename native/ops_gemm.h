@@ -320,45 +320,51 @@ inline void gv_rows(const RG& g, const float* Ap, const int64_t* k, const int64_
   }
 }
 
-// Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1: each block's chains written or added to C, or,
-// with P, written to P + kb * R * N (the block's own chains, to be added to C in block order by the caller).
+// Block kb's chains (tb[r * ts + j], columns j0 .. j0 + n) written or added to C, or, with P, written to
+// P + kb * R * N (the block's own chains, to be added to C in block order by the caller).
+template <int R, int DT>
+void gv_emit(const RG& g, int64_t kb, const float* tb, int64_t j0, int64_t n, int64_t ts, float* P) {
+  const bool write = P || (kb == 0 && !g.add);
+  const float alpha = P ? 1.0f : g.alpha;
+  [[maybe_unused]] const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
+  for (int r = 0; r < R; ++r) {
+    float* c = P ? P + (kb * R + r) * g.N + j0 : g.C + r * g.ldc + j0;
+    for (int64_t jv = 0; jv < n; jv += VW) {
+      const int64_t cols = n - jv < VW ? n - jv : VW;
+      vf val = vload(tb + r * ts + jv);
+#if defined(__AVX2__) && LR_VW == 8
+      if (jv < np16) {  // back from the interleaved order: (0-3, 8-11), (4-7, 12-15) -> 0-7, 8-15
+        const __m256 lo = (__m256)vload(tb + r * ts + (jv & ~(int64_t)15));
+        const __m256 hi = (__m256)vload(tb + r * ts + (jv & ~(int64_t)15) + VW);
+        val = (vf)((jv & 15) ? _mm256_permute2f128_ps(lo, hi, 0x31) : _mm256_permute2f128_ps(lo, hi, 0x20));
+      }
+#endif
+      if (write) {
+        if (alpha != 1.0f) val = val * vset(alpha);
+      } else {
+        val = vload_part(c + jv, cols) + val;
+      }
+      vstore_part(c + jv, val, cols);
+    }
+  }
+}
+
+// Whether B's rows are short (under 4 KiB): read two K blocks at a time, side by side, rather than eight rows
+// per pass over the chains (each chain still takes its k in order). Over short rows eight rows are eight short
+// streams, which the prefetcher follows worse than one row at a time (f32's 576- and 960-wide rows of the 135m
+// preset measured 21.6 -> 20.1 ms/token against a 2 KiB bound).
+inline bool gv_short_rows(const RG& g) { return g.N * (g.B.dtype == kOpF32 ? 4 : 2) < 4096; }
+
+// Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1, each block's chains emitted (gv_emit) as it ends.
 // t holds the chains of two blocks (2 R ts floats, ts = n rounded up to VW).
 template <int R, int DT>
 void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, int64_t kb0, int64_t kb1, float* t,
               float* P) {
   const int64_t nv = (n + VW - 1) / VW, ts = nv * VW;  // t[r * ts + j]: the chains of row r
   const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
-  // Eight rows of B per pass over the chains (each chain still takes its k in order), except over short rows:
-  // there eight rows are eight short streams, which the prefetcher follows worse than one row at a time. Short
-  // rows (under 4 KiB: f32's 576- and 960-wide rows of the 135m preset measured 21.6 -> 20.1 ms/token against
-  // a 2 KiB bound) go two whole K blocks at a time instead, side by side (gv_rows with S = 2).
-  const bool long_rows = g.N * (DT == kOpF32 ? 4 : 2) >= 4096;
+  const bool long_rows = !gv_short_rows(g);
   float* const tt[2] = {t, t + R * ts};
-  // block kb's chains (in tb) to C or P
-  auto emit = [&](int64_t kb, const float* tb) {
-    const bool write = P || (kb == 0 && !g.add);
-    const float alpha = P ? 1.0f : g.alpha;
-    for (int r = 0; r < R; ++r) {
-      float* c = P ? P + (kb * R + r) * g.N + j0 : g.C + r * g.ldc + j0;
-      for (int64_t jv = 0; jv < n; jv += VW) {
-        const int64_t cols = n - jv < VW ? n - jv : VW;
-        vf val = vload(tb + r * ts + jv);
-#if defined(__AVX2__) && LR_VW == 8
-        if (jv < np16) {  // back from the interleaved order: (0-3, 8-11), (4-7, 12-15) -> 0-7, 8-15
-          const __m256 lo = (__m256)vload(tb + r * ts + (jv & ~(int64_t)15));
-          const __m256 hi = (__m256)vload(tb + r * ts + (jv & ~(int64_t)15) + VW);
-          val = (vf)((jv & 15) ? _mm256_permute2f128_ps(lo, hi, 0x31) : _mm256_permute2f128_ps(lo, hi, 0x20));
-        }
-#endif
-        if (write) {
-          if (alpha != 1.0f) val = val * vset(alpha);
-        } else {
-          val = vload_part(c + jv, cols) + val;
-        }
-        vstore_part(c + jv, val, cols);
-      }
-    }
-  };
+  auto emit = [&](int64_t kb, const float* tb) { gv_emit<R, DT>(g, kb, tb, j0, n, ts, P); };
   for (int64_t kb = kb0; kb < kb1;) {
     const int64_t k0 = kb * KC;
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
@@ -389,6 +395,45 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, i
     ++kb;
   }
 }
+
+// Short rows: the whole K block kbA (all N columns) side by side with block kbB (kcB <= KC rows, columns
+// j0B .. j0B + nB, nB a multiple of 16): a thread's odd block out paired with its share of the blocks left over,
+// so that no rows are read as a lone stream. Both blocks' chains go to P (gv_emit), each taking its k in order.
+template <int R, int DT>
+void gv_pair_rest(const RG& g, const float* Ap, int64_t KC, int64_t kbA, int64_t kbB, int64_t j0B, int64_t nB,
+                  float* t, float* P) {
+  const int64_t tsA = (g.N + VW - 1) / VW * VW;
+  float* const tt[2] = {t, t + R * tsA};
+  for (int64_t i = 0; i < 2 * R * tsA; i += VW) vstore(t + i, vset(0.0f));
+  const int64_t kA0 = kbA * KC, kB0 = kbB * KC, kcB = g.K - kB0 < KC ? g.K - kB0 : KC;
+  const int64_t np16 = gv_interleaved<DT>() ? nB : 0, npA = gv_interleaved<DT>() ? (g.N - nB) / 16 * 16 : 0;
+  float* const tA2[1] = {t + nB};  // block A's columns past nB
+  for (int64_t i = 0; i < KC; ++i) {
+    const int64_t k = kA0 + i, rowA = k * g.B.rs;
+    if (i < kcB) {
+      // the chains of both blocks are kept at stride tsA (gv_rows takes one ts): block B's in tt[1]
+      const int64_t ks[2] = {k, kB0 + i};
+      const int64_t rows[2] = {rowA, ks[1] * g.B.rs + j0B};
+      gv_rows<R, DT, 1, 2>(g, Ap, ks, rows, nB, np16, tt, tsA);
+      const int64_t row2 = rowA + nB;
+      gv_rows<R, DT, 1>(g, Ap, &k, &row2, g.N - nB, npA, tA2, tsA);
+    } else {
+      gv_rows<R, DT, 1>(g, Ap, &k, &rowA, g.N, gv_interleaved<DT>() ? g.N / 16 * 16 : 0, tt, tsA);
+    }
+  }
+  gv_emit<R, DT>(g, kbA, tt[0], 0, g.N, tsA, P);
+  gv_emit<R, DT>(g, kbB, tt[1], j0B, nB, tsA, P);
+}
+
+using GvPairRestFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
+template <int DT, int... I>
+constexpr std::array<GvPairRestFn, sizeof...(I)> gv_pair_rests(std::integer_sequence<int, I...>) {
+  return {&gv_pair_rest<I + 1, DT>...};
+}
+constexpr std::array<std::array<GvPairRestFn, kGemvRows>, 3> kGvPairRests = {
+    gv_pair_rests<kOpF32>(std::make_integer_sequence<int, kGemvRows>{}),
+    gv_pair_rests<kOpBF16>(std::make_integer_sequence<int, kGemvRows>{}),
+    gv_pair_rests<kOpF16>(std::make_integer_sequence<int, kGemvRows>{})};
 
 using GvStripFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
 template <int DT, int... I>
@@ -433,13 +478,23 @@ void rg_gemv_run(const RG& g, int threads) {
     float* P = tls_rg_p.get<float>((size_t)(nKB * g.M * g.N + VW));
     const int64_t rest = nKB - T * q;
     const int64_t colUnit = 16, nU = (g.N + colUnit - 1) / colUnit;
+    const int di = g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2;
+    const bool pair_rest = gv_short_rows(g) && q % 2 == 1 && rest == 1;
     par_tasks_n(T, [&](int t) {
       float* tb = tls_rg_b.get<float>((size_t)(2 * kGemvRows * (kGemvWide + VW)));
-      strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q, tb, P);
       if (rest > 0) {
         const int64_t u0 = nU * t / T, u1 = nU * (t + 1) / T;
         const int64_t j0 = u0 * colUnit, j1 = u1 * colUnit < g.N ? u1 * colUnit : g.N;
+        if (pair_rest && (j1 - j0) % 16 == 0 && j1 > j0) {
+          // an odd number of whole blocks a thread: its last one goes side by side with its share of the rest
+          strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q - 1, tb, P);
+          kGvPairRests[di][g.M - 1](g, Ap, KC, (t + 1) * q - 1, T * q, j0, j1 - j0, tb, P);
+          return;
+        }
+        strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q, tb, P);
         if (j1 > j0) strip(g, Ap, j0, j1 - j0, KC, T * q, nKB, tb, P);
+      } else {
+        strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q, tb, P);
       }
     });
     for (int64_t r = 0; r < g.M; ++r) {

@@ -129,6 +129,10 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
       { n: 1030, k: 3 * kc + 7 }, // whole blocks per thread, the short last one shared by columns; long rows
       { n: 40, k: 4 * kc + 5 }, // short rows: two whole blocks per thread side by side (gv_rows with S = 2)
       { n: 24, k: 6 * kc }, // three per thread: a pair, then one alone
+      // short rows, five whole blocks per thread and one short block left: each thread's fifth block goes side by
+      // side with its columns of the short one (the first thread's 144 columns), or is read alone (the second's
+      // 156, not a multiple of 16)
+      { n: 300, k: 10 * kc + 50 },
     ];
     for (const { n, k } of shapes)
       for (const [transA, transB] of [
