@@ -425,25 +425,34 @@ void gv_pair_rest(const RG& g, const float* Ap, int64_t KC, int64_t kbA, int64_t
   gv_emit<R, DT>(g, kbB, tt[1], j0B, nB, tsA, P);
 }
 
-using GvPairRestFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
-template <int DT, int... I>
-constexpr std::array<GvPairRestFn, sizeof...(I)> gv_pair_rests(std::integer_sequence<int, I...>) {
-  return {&gv_pair_rest<I + 1, DT>...};
+// The few-row kernels by dtype (f32, bf16, f16) and rows of C (1 .. kGemvRows): K::run<R, DT>.
+using GvFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
+template <class K, int DT, int... I>
+constexpr std::array<GvFn, sizeof...(I)> gv_by_rows(std::integer_sequence<int, I...>) {
+  return {&K::template run<I + 1, DT>...};
 }
-constexpr std::array<std::array<GvPairRestFn, kGemvRows>, 3> kGvPairRests = {
-    gv_pair_rests<kOpF32>(std::make_integer_sequence<int, kGemvRows>{}),
-    gv_pair_rests<kOpBF16>(std::make_integer_sequence<int, kGemvRows>{}),
-    gv_pair_rests<kOpF16>(std::make_integer_sequence<int, kGemvRows>{})};
-
-using GvStripFn = void (*)(const RG&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*);
-template <int DT, int... I>
-constexpr std::array<GvStripFn, sizeof...(I)> gv_strips(std::integer_sequence<int, I...>) {
-  return {&gv_strip<I + 1, DT>...};
+template <class K>
+constexpr std::array<std::array<GvFn, kGemvRows>, 3> gv_table() {
+  return {gv_by_rows<K, kOpF32>(std::make_integer_sequence<int, kGemvRows>{}),
+          gv_by_rows<K, kOpBF16>(std::make_integer_sequence<int, kGemvRows>{}),
+          gv_by_rows<K, kOpF16>(std::make_integer_sequence<int, kGemvRows>{})};
 }
-constexpr std::array<std::array<GvStripFn, kGemvRows>, 3> kGvStrips = {
-    gv_strips<kOpF32>(std::make_integer_sequence<int, kGemvRows>{}),
-    gv_strips<kOpBF16>(std::make_integer_sequence<int, kGemvRows>{}),
-    gv_strips<kOpF16>(std::make_integer_sequence<int, kGemvRows>{})};
+struct GvStripK {
+  template <int R, int DT>
+  static void run(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, int64_t kb0, int64_t kb1, float* t,
+                  float* P) {
+    gv_strip<R, DT>(g, Ap, j0, n, KC, kb0, kb1, t, P);
+  }
+};
+struct GvPairRestK {
+  template <int R, int DT>
+  static void run(const RG& g, const float* Ap, int64_t KC, int64_t kbA, int64_t kbB, int64_t j0B, int64_t nB,
+                  float* t, float* P) {
+    gv_pair_rest<R, DT>(g, Ap, KC, kbA, kbB, j0B, nB, t, P);
+  }
+};
+constexpr auto kGvStrips = gv_table<GvStripK>();
+constexpr auto kGvPairRests = gv_table<GvPairRestK>();
 
 void rg_gemv_run(const RG& g, int threads);
 
@@ -469,7 +478,7 @@ void rg_gemv_run(const RG& g, int threads) {
   const int64_t nV = (g.N + VW - 1) / VW, nKB = (g.K + KC - 1) / KC;
   const double bytes = (double)g.N * (double)g.K * (g.B.dtype == kOpF32 ? 4 : 2);
   const int T = bytes < 128.0 * 1024 ? 1 : threads;
-  const GvStripFn strip = kGvStrips[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1];
+  const GvFn strip = kGvStrips[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1];
   const int64_t q = g.K / KC / T;  // whole K blocks per thread
   if (T > 1 && q >= 1 && g.N <= kGemvWide) {
     // Threads take whole K blocks, each streaming a contiguous run of B's rows over all columns: thread t
