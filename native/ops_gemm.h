@@ -406,7 +406,7 @@ void gv_pair_rest(const RG& g, const float* Ap, int64_t KC, int64_t kbA, int64_t
   float* const tt[2] = {t, t + R * tsA};
   for (int64_t i = 0; i < 2 * R * tsA; i += VW) vstore(t + i, vset(0.0f));
   const int64_t kA0 = kbA * KC, kB0 = kbB * KC, kcB = g.K - kB0 < KC ? g.K - kB0 : KC;
-  const int64_t np16 = gv_interleaved<DT>() ? nB : 0, npA = gv_interleaved<DT>() ? (g.N - nB) / 16 * 16 : 0;
+  const int64_t npB = gv_interleaved<DT>() ? nB : 0, npA = gv_interleaved<DT>() ? (g.N - nB) / 16 * 16 : 0;
   float* const tA2[1] = {t + nB};  // block A's columns past nB
   for (int64_t i = 0; i < KC; ++i) {
     const int64_t k = kA0 + i, rowA = k * g.B.rs;
@@ -414,7 +414,7 @@ void gv_pair_rest(const RG& g, const float* Ap, int64_t KC, int64_t kbA, int64_t
       // the chains of both blocks are kept at stride tsA (gv_rows takes one ts): block B's in tt[1]
       const int64_t ks[2] = {k, kB0 + i};
       const int64_t rows[2] = {rowA, ks[1] * g.B.rs + j0B};
-      gv_rows<R, DT, 1, 2>(g, Ap, ks, rows, nB, np16, tt, tsA);
+      gv_rows<R, DT, 1, 2>(g, Ap, ks, rows, nB, npB, tt, tsA);
       const int64_t row2 = rowA + nB;
       gv_rows<R, DT, 1>(g, Ap, &k, &row2, g.N - nB, npA, tA2, tsA);
     } else {
@@ -478,7 +478,8 @@ void rg_gemv_run(const RG& g, int threads) {
   const int64_t nV = (g.N + VW - 1) / VW, nKB = (g.K + KC - 1) / KC;
   const double bytes = (double)g.N * (double)g.K * (g.B.dtype == kOpF32 ? 4 : 2);
   const int T = bytes < 128.0 * 1024 ? 1 : threads;
-  const GvFn strip = kGvStrips[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1];
+  const int di = g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2;
+  const GvFn strip = kGvStrips[di][g.M - 1];
   const int64_t q = g.K / KC / T;  // whole K blocks per thread
   if (T > 1 && q >= 1 && g.N <= kGemvWide) {
     // Threads take whole K blocks, each streaming a contiguous run of B's rows over all columns: thread t
@@ -487,24 +488,18 @@ void rg_gemv_run(const RG& g, int threads) {
     float* P = tls_rg_p.get<float>((size_t)(nKB * g.M * g.N + VW));
     const int64_t rest = nKB - T * q;
     const int64_t colUnit = 16, nU = (g.N + colUnit - 1) / colUnit;
-    const int di = g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2;
     const bool pair_rest = gv_short_rows(g) && q % 2 == 1 && rest == 1;
     par_tasks_n(T, [&](int t) {
       float* tb = tls_rg_b.get<float>((size_t)(2 * kGemvRows * (kGemvWide + VW)));
-      if (rest > 0) {
-        const int64_t u0 = nU * t / T, u1 = nU * (t + 1) / T;
-        const int64_t j0 = u0 * colUnit, j1 = u1 * colUnit < g.N ? u1 * colUnit : g.N;
-        if (pair_rest && (j1 - j0) % 16 == 0 && j1 > j0) {
-          // an odd number of whole blocks a thread: its last one goes side by side with its share of the rest
-          strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q - 1, tb, P);
-          kGvPairRests[di][g.M - 1](g, Ap, KC, (t + 1) * q - 1, T * q, j0, j1 - j0, tb, P);
-          return;
-        }
-        strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q, tb, P);
-        if (j1 > j0) strip(g, Ap, j0, j1 - j0, KC, T * q, nKB, tb, P);
-      } else {
-        strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q, tb, P);
-      }
+      const int64_t u0 = nU * t / T, u1 = nU * (t + 1) / T;
+      const int64_t j0 = u0 * colUnit, j1 = u1 * colUnit < g.N ? u1 * colUnit : g.N;
+      // an odd number of whole blocks a thread: its last one goes side by side with its columns of the rest
+      const bool pr = pair_rest && j1 > j0 && (j1 - j0) % 16 == 0;
+      strip(g, Ap, 0, g.N, KC, t * q, (t + 1) * q - (pr ? 1 : 0), tb, P);
+      if (pr)
+        kGvPairRests[di][g.M - 1](g, Ap, KC, (t + 1) * q - 1, T * q, j0, j1 - j0, tb, P);
+      else if (rest > 0 && j1 > j0)
+        strip(g, Ap, j0, j1 - j0, KC, T * q, nKB, tb, P);
     });
     for (int64_t r = 0; r < g.M; ++r) {
       float* c = g.C + r * g.ldc;
