@@ -456,12 +456,13 @@ constexpr auto kGvPairRests = gv_table<GvPairRestK>();
 
 void rg_gemv_run(const RG& g, int threads);
 
-// C (M <= kGemvRows rows) from B with B.cs == 1. A B in streamed memory (the decoding layout) has the workers
-// read ahead what follows it once this product is done.
+// C (M <= kGemvRows rows) from B with B.cs == 1. A B in streamed memory (the decoding layout) has the threads
+// read ahead what follows it: a thread done with its share while the other still works, and the workers
+// between products.
 void rg_gemv(const RG& g, int threads) {
-  rg_gemv_run(g, threads);
   const int es = g.B.dtype == kOpF32 ? 4 : 2;
   stream_read_ahead(g.B.p, (size_t)(((g.K - 1) * g.B.rs + g.N) * es));
+  rg_gemv_run(g, threads);
 }
 
 // rg_gemv's product: threads take whole K blocks (rows of B) or ranges of columns.

@@ -39,7 +39,7 @@ class ReadAhead {
     regions_.push_back({b, e});
     unlock();
   }
-  // Removes the region, drops any read-ahead inside it, and returns once no worker is reading.
+  // Removes the region, drops any read-ahead inside it, and returns once no thread is reading.
   void remove_region(const char* b) {
     lock();
     for (size_t i = 0; i < regions_.size(); ++i)
@@ -125,7 +125,9 @@ class Pool {
       cv_.notify_all();
     }
     fn(ctx, 0);
-    while (pending_.load(std::memory_order_acquire) > 0) cpu_relax();
+    // waiting for the workers, the caller reads ahead too (decoding's products set the window past their weight)
+    while (pending_.load(std::memory_order_acquire) > 0)
+      if (!read_ahead().read_chunk()) cpu_relax();
     busy_.store(false, std::memory_order_release);
   }
 
