@@ -30,7 +30,11 @@ constexpr int NR = 16 * NV;
 // NB: a packed B block (384 x 512 f32 = 768 KB) stays in L2; MB: rows of A packed per block (up to 2058 x 384
 // f32 = 3 MB, L3), large enough that B is packed once per K block for typical M. Measured on Zen 4, one
 // thread: KC 256..512 and NB 256..768 are all within 3% of each other (87-92% of the FMA peak).
-int64_t g_kc = 384, g_mb = 14 * 147, g_nb = 512;
+// KC is also where decoding's few-row products restart their chains (see gemm_avx2.cc): 144, as there, gives the
+// 135m preset's 576-deep products four whole blocks, two per thread. On Zen 5 (2 vCPUs) the decode-layout bf16
+// products of a 135m step took 7.9 ms against 9.8 with 384 (one whole block: the threads split columns), and
+// GEMMs from 256x576x1536 to 2048^3 moved within -7%..+4% (382-412 GFLOP/s either way).
+int64_t g_kc = 144, g_mb = 14 * 147, g_nb = 512;
 
 // Prefetches the line at byte offset `bytes` from p. Addresses past the end of an array are fine for the
 // instruction (it never faults); the address is formed as an integer so no out-of-bounds pointer exists.

@@ -230,27 +230,34 @@ constexpr int64_t kGemvRows = 4;
 constexpr int64_t kGemvStrip = 2048;  // columns per strip: M x 8 KiB of chains stays in L1/L2
 constexpr int64_t kGemvWide = 8192;   // up to this many columns, threads split K and take whole rows of B
 
-// VW elements of B's row from p + i, converted to f32 (n < VW: the first n, the rest 0).
+// VW elements of B's row from p + i, converted to f32. Calls nothing where the ISA converts in registers: a
+// call in gv_rows' loop (the SysV ABI keeps no vector register across one) made the compiler keep the loaded
+// rows and broadcasts on the stack, and AVX-512's bf16 products ran at a third of AVX2's speed in cache.
 template <int DT>
-inline vf gv_load(const void* p, int64_t i, int64_t n) {
+inline vf gv_load_full(const void* p, int64_t i) {
   constexpr int dt = DT;
-  if (dt == kOpF32) return vload_part((const float*)p + i, n);
-  alignas(64) float tmp[VW];
-  if (n >= VW) {
+  if (dt == kOpF32) return vload((const float*)p + i);
 #if defined(__AVX512F__) && LR_VW == 16
-    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
-    return dt == kOpBF16 ? (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                         : (vf)_mm512_cvtph_ps(h);
+  const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
+  return dt == kOpBF16 ? (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                       : (vf)_mm512_cvtph_ps(h);
 #elif defined(__AVX2__) && LR_VW == 8
-    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
-    return dt == kOpBF16 ? (vf)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                         : (vf)_mm256_cvtph_ps(h);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+  return dt == kOpBF16 ? (vf)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                       : (vf)_mm256_cvtph_ps(h);
 #else
-    load_row(p, dt, i, VW, tmp);
-    return vload(tmp);
+  alignas(64) float tmp[VW];
+  load_row(p, dt, i, VW, tmp);
+  return vload(tmp);
 #endif
-  }
-  load_row(p, dt, i, n, tmp);
+}
+
+// The first n (< VW) elements of B's row from p + i, converted to f32, the rest 0.
+template <int DT>
+inline vf gv_load_part(const void* p, int64_t i, int64_t n) {
+  if (DT == kOpF32) return vload_part((const float*)p + i, n);
+  alignas(64) float tmp[VW];
+  load_row(p, DT, i, n, tmp);
   return vload_n(tmp, n);
 }
 
@@ -305,18 +312,27 @@ inline void gv_rows(const RG& g, const float* Ap, const int64_t* k, const int64_
     }
   }
 #endif
-  for (; jv < n; jv += VW) {
-    const int64_t m = n - jv < VW ? n - jv : VW;
-    vf b[S][Q];
-    for (int s = 0; s < S; ++s)
-      for (int q = 0; q < Q; ++q) b[s][q] = gv_load<DT>(B.p, row[s] + q * B.rs + jv, m);
+  // whole vectors, then the part of one left (its own loop: see gv_load_full)
+  auto step = [&](int64_t j, const vf (&b)[S][Q]) {
     for (int s = 0; s < S; ++s)
       for (int r = 0; r < R; ++r) {
-        float* tp = t[s] + r * ts + jv;
+        float* tp = t[s] + r * ts + j;
         vf c = vload(tp);
         for (int q = 0; q < Q; ++q) c = vfma(av[s][r][q], b[s][q], c);
         vstore(tp, c);
       }
+  };
+  for (; jv + VW <= n; jv += VW) {
+    vf b[S][Q];
+    for (int s = 0; s < S; ++s)
+      for (int q = 0; q < Q; ++q) b[s][q] = gv_load_full<DT>(B.p, row[s] + q * B.rs + jv);
+    step(jv, b);
+  }
+  if (jv < n) {
+    vf b[S][Q];
+    for (int s = 0; s < S; ++s)
+      for (int q = 0; q < Q; ++q) b[s][q] = gv_load_part<DT>(B.p, row[s] + q * B.rs + jv, n - jv);
+    step(jv, b);
   }
 }
 
