@@ -252,6 +252,21 @@ inline vf gv_load_full(const void* p, int64_t i) {
 #endif
 }
 
+// Prefetches the line kGemvPrefetch bytes past element i of B (the address formed as an integer: past B's end it
+// is never dereferenced, and the instruction does not fault). The hardware's stream prefetchers stop at 4 KiB
+// pages; on Zen 5 (2 vCPUs) the 135m preset's decode-layout products of a step took 7.7-7.9 against 8.3 ms/token
+// (bf16, alternating in-process rounds; 1-3 KiB alike) and f32 ones 3% less.
+constexpr int64_t kGemvPrefetch = 2048;
+template <int DT>
+inline void gv_prefetch(const void* p, int64_t i) {
+#if defined(__SSE__)
+  _mm_prefetch((const char*)((uintptr_t)p + (uintptr_t)(i * (DT == kOpF32 ? 4 : 2) + kGemvPrefetch)), _MM_HINT_T0);
+#else
+  (void)p;
+  (void)i;
+#endif
+}
+
 // The first n (< VW) elements of B's row from p + i, converted to f32, the rest 0.
 template <int DT>
 inline vf gv_load_part(const void* p, int64_t i, int64_t n) {
@@ -325,7 +340,10 @@ inline void gv_rows(const RG& g, const float* Ap, const int64_t* k, const int64_
   for (; jv + VW <= n; jv += VW) {
     vf b[S][Q];
     for (int s = 0; s < S; ++s)
-      for (int q = 0; q < Q; ++q) b[s][q] = gv_load_full<DT>(B.p, row[s] + q * B.rs + jv);
+      for (int q = 0; q < Q; ++q) {
+        gv_prefetch<DT>(B.p, row[s] + q * B.rs + jv);
+        b[s][q] = gv_load_full<DT>(B.p, row[s] + q * B.rs + jv);
+      }
     step(jv, b);
   }
   if (jv < n) {
