@@ -265,7 +265,8 @@ void mask_scores(const AttnArgs& a, int64_t b, int64_t j0, const bool* kval, con
   }
 }
 
-thread_local Scratch tls_attn;
+thread_local Scratch tls_attn, tls_attn_part;
+constexpr int64_t kChunkBlocks = 128 / BK;  // blocks of a decoding task's chunk of keys (attn_fwd_k)
 
 void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, DP = rup(D, VW);
@@ -281,7 +282,17 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
   // about 10% faster packed).
   const bool v_in_place = a.vdt == kOpF32 && DP == D;
   constexpr int64_t kVInPlaceRows = 8;
-  par_tasks(a.B * a.Hkv * nqb, threads, [&](int64_t task) {
+  // One query tile per (batch, kv head) (decoding): its keys are split into chunks of kChunkBlocks blocks, each
+  // chunk a task of its own, so that the few tasks of a step (3 kv heads of the 135m preset) keep every thread
+  // busy; the chunks' (m, l, O) are then combined in order. The split depends on the shapes alone, never on the
+  // thread count, and chunks are counted from the tile's last position like the blocks (the invariance above).
+  const int64_t Rmax = (a.Tq < Bq ? a.Tq : Bq) * G;
+  const int64_t jlo0 = a.window > 0 ? (off - a.window + 1 > 0 ? off - a.window + 1 : 0) : 0;
+  const int64_t nch = nqb == 1 ? ((a.Tk - jlo0 + BK - 1) / BK + kChunkBlocks - 1) / kChunkBlocks : 1;
+  const int64_t pstride = Rmax * (DP + 2);  // a chunk's partial result: m, l [R], O [R][DP]
+  float* part = nch > 1 ? tls_attn_part.get<float>((size_t)(a.B * a.Hkv * nch * pstride)) : nullptr;
+  par_tasks(a.B * a.Hkv * nqb * nch, threads, [&](int64_t task_c) {
+    const int64_t task = task_c / nch, ch = task_c % nch;
     const int64_t b = task / (a.Hkv * nqb), kvh = (task / nqb) % a.Hkv, qb = task % nqb;
     const int64_t t1 = a.Tq - qb * Bq, t0 = t1 - Bq > 0 ? t1 - Bq : 0;
     const int64_t R = (t1 - t0) * G;
@@ -315,7 +326,10 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     const int64_t pmin = off + t0, pmax = off + t1 - 1;
     const int64_t jlo = a.window > 0 ? (pmin - a.window + 1 > 0 ? pmin - a.window + 1 : 0) : 0;
     const int64_t nblk = (pmax + 1 - jlo + BK - 1) / BK;
-    for (int64_t e = nblk - 1; e >= 0; --e) {
+    // this task's blocks: all, or its chunk's (block e ends BK e keys before the tile's last position)
+    const int64_t e0 = nch > 1 ? ch * kChunkBlocks : 0;
+    const int64_t e1 = nch > 1 ? (e0 + kChunkBlocks < nblk ? e0 + kChunkBlocks : nblk) : nblk;
+    for (int64_t e = e1 - 1; e >= e0; --e) {
       const int64_t j0 = pmax + 1 - (e + 1) * BK;
       bool all;
       if (!block_keys(a, b, j0, kval, &all)) continue;
@@ -373,6 +387,15 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
       }
       pv_rows(S, R, Vb, ldv, DP, O, al);
     }
+    if (nch > 1) {
+      float* pp = part + task_c * pstride;
+      for (int64_t r = 0; r < R; ++r) {
+        pp[r] = m[r];
+        pp[Rmax + r] = l[r];
+        for (int64_t d = 0; d < DP; ++d) pp[2 * Rmax + r * DP + d] = O[r * DP + d];
+      }
+      return;
+    }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = t0 + r / G, h = kvh * G + r % G;
       float* o = out + ((b * a.Tq + t) * a.Hq + h) * D;
@@ -387,6 +410,41 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
       }
     }
   });
+  if (nch <= 1) return;
+  // the chunks of each (batch, kv head) combined, oldest first: m = max m_c, l = sum l_c 2^(m_c - m), likewise O
+  for (int64_t task = 0; task < a.B * a.Hkv; ++task) {
+    const int64_t b = task / a.Hkv, kvh = task % a.Hkv;
+    for (int64_t r = 0; r < Rmax; ++r) {
+      const int64_t t = r / G, h = kvh * G + r % G;
+      float mx = -INFINITY;
+      bool nan = false;
+      for (int64_t c = 0; c < nch; ++c) {
+        const float mc = part[(task * nch + c) * pstride + r];
+        nan = nan || mc != mc;
+        if (mc > mx) mx = mc;
+      }
+      if (nan) mx = NAN;
+      float* o = out + ((b * a.Tq + t) * a.Hq + h) * D;
+      float* li = lse + (b * a.Hq + h) * a.Tq + t;
+      float L = 0.0f;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+      if (mx != -INFINITY)
+        for (int64_t c = nch - 1; c >= 0; --c) {
+          const float* pp = part + (task * nch + c) * pstride;
+          if (pp[r] == -INFINITY) continue;
+          const float w = exp2f(pp[r] - mx);
+          L += pp[Rmax + r] * w;
+          for (int64_t d = 0; d < D; ++d) o[d] += pp[2 * Rmax + r * DP + d] * w;
+        }
+      if (L > 0.0f) {
+        for (int64_t d = 0; d < D; ++d) o[d] /= L;
+        *li = (float)((double)mx * kLn2 + log((double)L));
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;  // no key seen (or a NaN score), as unsplit
+        *li = -INFINITY;
+      }
+    }
+  }
 }
 
 void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const float* gout, float* dq, float* dk,

@@ -140,6 +140,15 @@ test('attention matches the naive composition (GQA, decode, chunked prefill, odd
       [0, 0, 1, 1, 1],
     ],
   });
+  // decoding over many keys: the native kernel splits them into chunks of 128 and combines the chunks
+  compareWithNaive('decode Tq1 Tk300 GQA 3', [1, 1, 9, 16], [1, 300, 3, 16]);
+  compareWithNaive('decode Tq2 Tk333 larger scores', [2, 2, 4, 8], [2, 333, 2, 8], {}, undefined, 4);
+  compareWithNaive('decode Tq1 Tk290 window 150', [1, 1, 2, 8], [1, 290, 1, 8], { window: 150 });
+  const longMask = (n: number, from: number, to: number) =>
+    Array.from({ length: n }, (_, j) => (j >= from && j < to ? 1 : 0));
+  compareWithNaive('decode Tq1 Tk270 padding', [2, 1, 2, 8], [2, 270, 1, 8], {
+    keyMask: [longMask(270, 200, 270), longMask(270, 0, 270)],
+  });
   compareWithNaive('packed', [2, 6, 2, 3], [2, 6, 1, 3], {
     seqIds: [
       [0, 0, 1, 1, 1, 2],
@@ -209,6 +218,32 @@ test('packed sequences give the same outputs and gradients as running them separ
   assertClose(packed, separate, 1e-6, 'packed out');
   for (const [i, t] of [q, k, v].entries())
     assertClose(packedGrads[i]!, t.grad!.toF32(), 1e-6, `packed grad ${'qkv'[i]}`);
+});
+
+test('a sequence right-aligned in a padded batch gets bit-identical outputs to the same sequence alone', () => {
+  // decoding over hundreds of keys (split into chunks by the native kernel), and a short prefill tile
+  for (const [Tq, len, pad] of [
+    [1, 250, 130],
+    [1, 129, 300],
+    [3, 200, 57],
+  ] as const) {
+    const [Hq, Hkv, D] = [6, 2, 8];
+    const q = R([1, Tq, Hq, D], false);
+    const k = R([1, len, Hkv, D], false);
+    const v = R([1, len, Hkv, D], false);
+    const alone = attention(q, k, v).toF32();
+    // row 1 holds the sequence after `pad` padding positions of garbage; row 0 another sequence, unpadded
+    const T = len + pad;
+    const padded = (x: Tensor) => {
+      const other = R([1, T, Hkv, D], false).toF32();
+      const garbage = R([1, pad, Hkv, D], false).toF32();
+      return Tensor.fromTyped(Float32Array.from([...other, ...garbage, ...x.toF32()]), [2, T, Hkv, D], 'f32');
+    };
+    const qb = Tensor.fromTyped(Float32Array.from([...R([1, Tq, Hq, D], false).toF32(), ...q.toF32()]), [2, Tq, Hq, D]);
+    const keyMask = [Array(T).fill(1), [...Array(pad).fill(0), ...Array(len).fill(1)]];
+    const out = attention(qb, padded(k), padded(v), maskOpts(2, { keyMask })).toF32();
+    assert.deepEqual(out.subarray(Tq * Hq * D), alone, `Tq ${Tq}, ${len} keys after ${pad} of padding`);
+  }
 });
 
 test('k and v may be strided views of a KV cache', () => {
