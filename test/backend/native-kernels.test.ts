@@ -196,6 +196,59 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
   });
 });
 
+test('gemm: few rows against rows wider than a strip, threads splitting K, equal the blocked rows bit for bit', {
+  skip,
+}, () => {
+  // W [K, N] as the decoding layout keeps it (B not transposed): two whole K blocks, one a thread, go through
+  // in strips of 8192 columns (ops_gemm.h kGemvWide); the short block left over is shared by columns, more
+  // than a strip each
+  const rng = new Rng(11);
+  eachIsa((nb, isa) => {
+    const kc = addon!._blocking(0, 0, 0)[0];
+    const [M, n, k] = [17, 17000, 2 * kc + 50];
+    const A = t32(randn(rng, M * k), [M * k]);
+    for (const [alpha, beta, bdt] of [
+      [1, 0, 'bf16'],
+      [0.37, 1, 'f32'],
+    ] as const) {
+      const B = encode(randn(rng, k * n), bdt);
+      const C0 = randn(rng, M * n);
+      const run = (m: number, i0: number) => {
+        const C = t32(C0.slice(i0 * n, (i0 + m) * n), [m * n]);
+        nb.gemm({
+          transA: false,
+          transB: false,
+          m,
+          n,
+          k,
+          alpha,
+          beta,
+          a: A,
+          aOff: i0 * k,
+          lda: k,
+          b: B,
+          bOff: 0,
+          ldb: n,
+          c: C,
+          cOff: 0,
+          ldc: n,
+        });
+        return f(C);
+      };
+      const all = run(M, 0);
+      for (const [m, i0] of [
+        [1, 3],
+        [4, 10],
+      ] as const)
+        same(
+          run(m, i0),
+          all.subarray(i0 * n, (i0 + m) * n),
+          `${isa} n=${n} k=${k} B=${bdt}: rows ${i0}..${i0 + m} alone`,
+        );
+    }
+  });
+});
+
 test('gemm: batched with strides and interleaved C, bf16 operands', { skip }, () => {
   const rng = new Rng(2);
   eachIsa((nb, isa) => {
