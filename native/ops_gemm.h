@@ -309,6 +309,7 @@ inline void gv_rows(const RG& g, const float* Ap, const int64_t* k, const int64_
       vf lo[S][Q], hi[S][Q];
       for (int s = 0; s < S; ++s)
         for (int q = 0; q < Q; ++q) {
+          gv_prefetch<DT>(B.p, row[s] + q * B.rs + jv);
           const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)B.p + row[s] + q * B.rs + jv));
           lo[s][q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
           hi[s][q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
@@ -400,8 +401,7 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, i
   // Long rows: whole ones (a thread's K blocks) are one contiguous run of B, read row after row as one stream
   // (gv_prefetch ahead of it); parts of them (a strip of columns) are pieces far apart, read eight rows a pass.
   // Zen 5, 135m preset: the 3072-wide gate_up products of a step 3.25 -> 2.69 ms (bf16) and 5.14 -> 4.53 ms (f32)
-  // read one row at a time rather than eight; the 49152-wide head (split by columns) took 1.5x as long one at a
-  // time.
+  // read one row at a time rather than eight; the strips of the 49152-wide head took 1.4x as long one at a time.
   const bool eight_rows = long_rows && n < g.N;
   float* const tt[2] = {t, t + R * ts};
   auto emit = [&](int64_t kb, const float* tb) { gv_emit<R, DT>(g, kb, tb, j0, n, ts, P); };
