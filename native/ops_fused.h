@@ -116,12 +116,13 @@ void rmsnorm_bwd_k(const float* g, const float* x, const void* w, int wdt, const
 // A training step rotates q and k of every layer, forward and backward, over the same positions: the cos/sin
 // of a call over many positions are kept (per calling thread) and reused while the positions and frequencies
 // are the same, which spares the step 4 x layers - 1 of its 4 x layers tables of libm sincos (most of the op).
+// Decoding's few positions keep a table of their own (so a prefill's stays), reused by q and k of every layer.
 struct RopeTable {
   std::vector<int32_t> pos;
   std::vector<float> freq;
   std::vector<double> cs, sn;  // [t][half]: cos and sin (unsigned) of position t's angles
 };
-thread_local RopeTable tls_rope;
+thread_local RopeTable tls_rope, tls_rope_few;
 
 inline void rope_angles(float p, const float* inv_freq, int64_t half, double* cs, double* sn) {
   for (int64_t j = 0; j < half; ++j) {
@@ -133,9 +134,8 @@ inline void rope_angles(float p, const float* inv_freq, int64_t half, double* cs
 void rope_k(const float* x, const int32_t* pos, const float* inv_freq, int64_t half, float* out, int64_t bt, int64_t H,
             int64_t D, int sign, int threads) {
   const bool in_place = x == out;
-  RopeTable& tab = tls_rope;
-  const bool cached = bt >= 64;  // decoding's single positions compute their few angles directly
-  if (cached && !((int64_t)tab.pos.size() == bt && (int64_t)tab.freq.size() == half &&
+  RopeTable& tab = bt >= 64 ? tls_rope : tls_rope_few;
+  if (!((int64_t)tab.pos.size() == bt && (int64_t)tab.freq.size() == half &&
                   memcmp(tab.pos.data(), pos, (size_t)bt * 4) == 0 &&
                   memcmp(tab.freq.data(), inv_freq, (size_t)half * 4) == 0)) {
     tab.pos.assign(pos, pos + bt);
@@ -150,17 +150,9 @@ void rope_k(const float* x, const int32_t* pos, const float* inv_freq, int64_t h
   }
   const double sg = (double)sign;
   par_ranges(bt, threads, 4, [&](int64_t t0, int64_t t1) {
-    double* cs = tls_w.get<double>((size_t)(2 * half + 2 * VDW));
-    double* sn = cs + half + VDW;
     for (int64_t t = t0; t < t1; ++t) {
-      const double* c0 = cs;
-      const double* s0 = sn;
-      if (cached) {
-        c0 = tab.cs.data() + t * half;
-        s0 = tab.sn.data() + t * half;
-      } else {
-        rope_angles((float)pos[t], inv_freq, half, cs, sn);
-      }
+      const double* c0 = tab.cs.data() + t * half;
+      const double* s0 = tab.sn.data() + t * half;
       for (int64_t h = 0; h < H; ++h) {
         const float* xi = x + (t * H + h) * D;
         float* oi = out + (t * H + h) * D;
