@@ -2,7 +2,11 @@
 // bf16 weights, beside the memory-bandwidth bound measured in the same run (a decoding step reads every weight
 // once and the f32 KV cache up to its position, so bandwidth / those bytes bounds tokens/s) and eager PyTorch
 // on the same workload and dtype in the same run (bench/reference/torch_llama.py; NO_TORCH=1 skips it). Each
-// side runs ROUNDS (default 3) rounds and keeps its fastest, as the bound keeps its fastest probe.
+// side runs ROUNDS (default 3) rounds and keeps its fastest. The read bandwidth is probed right before and
+// right after every decoding round, and each round is set against the mean of its two probes: on a shared
+// machine whose bandwidth swings (35-75 GB/s within minutes on the Zen 5 one), the fastest probe of a run and
+// the fastest round are rarely taken in the same conditions. "of bound" is the median of the rounds' ratios,
+// with the best in brackets.
 // ../shared/anchors.md gives PyTorch 1.13 158 tokens/s prefill and 7.5 tokens/s decode (f32) on the CPU the
 // anchors were taken on. Each dtype runs with the decoding layout (useDecodeLayout, as lowrank generate and
 // serve use) and with the default one.
@@ -56,7 +60,6 @@ const torchFor = (dtype: 'f32' | 'bf16') => {
   torchOf.set(dtype, v);
   return torchOf.get(dtype);
 };
-const measured: { stepBytes: number; decodeTps: number }[] = [];
 // the default weight layout too (LAYOUTS=decode to skip it): the same-run reference for the decoding layout
 const layouts = (process.env.LAYOUTS ?? 'decode,default').split(',');
 for (const dtype of ['f32', 'bf16'] as const)
@@ -79,13 +82,21 @@ for (const dtype of ['f32', 'bf16'] as const)
     warm.dispose();
     // rounds of a fresh session each (its first decoding step records the plan, as every generation's does):
     // the fastest round is set beside the fastest bandwidth probe, both best of several on a shared machine
+    // K and V (f32, every layer and kv head) at the decoded positions' mean cache length
+    const meanLen = prefillLen + (decodeTokens + 1) / 2;
+    const kvBytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4 * meanLen;
+    const stepBytes = weightBytes + kvBytes;
+    const readNow = () => (addon ? addon.memBandwidth(256 << 20, threads).read : undefined);
     const prefillS: number[] = [];
     const decodeS: number[] = [];
+    const roundBounds: number[] = [];
+    const roundRatios: number[] = [];
     for (let round = 0; round < rounds; round++) {
       const s = new DecodeSession(model, 1, prefillLen + decodeTokens + 1);
       let t0 = performance.now();
       let logits = s.step([prompt]);
       prefillS.push((performance.now() - t0) / 1000);
+      const before = readNow();
       t0 = performance.now();
       for (let i = 0; i < decodeTokens; i++) {
         let best = 0;
@@ -93,17 +104,21 @@ for (const dtype of ['f32', 'bf16'] as const)
         for (let j = 1; j < l.length; j++) if (l[j]! > l[best]!) best = j;
         logits = s.step([[best]]);
       }
-      decodeS.push((performance.now() - t0) / 1000);
+      const secs = (performance.now() - t0) / 1000;
+      decodeS.push(secs);
+      const after = readNow();
+      if (before !== undefined && after !== undefined) {
+        keepBest(Math.max(before, after));
+        const bound = (((before + after) / 2) * 1e9) / stepBytes;
+        roundBounds.push(bound);
+        roundRatios.push(decodeTokens / secs / bound);
+      }
       s.dispose();
     }
     model.dispose();
     const prefillTps = prefillLen / Math.min(...prefillS);
     const decodeTps = decodeTokens / Math.min(...decodeS);
     const decodeMedian = decodeTokens / quantile(decodeS, 0.5);
-    // K and V (f32, every layer and kv head) at the decoded positions' mean cache length
-    const meanLen = prefillLen + (decodeTokens + 1) / 2;
-    const kvBytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4 * meanLen;
-    measured.push({ stepBytes: weightBytes + kvBytes, decodeTps });
     const torch = torchFor(dtype);
     rows.push([
       `${dtype}, ${layout} layout`,
@@ -116,15 +131,15 @@ for (const dtype of ['f32', 'bf16'] as const)
       torch ? `${fmt(torch.decodeTokensPerSecond, 2)} (${fmt(torch.decodeMedianTokensPerSecond, 2)})` : '-',
       ratio(decodeTps, torch?.decodeTokensPerSecond),
       ratio(decodeTps, 7.5),
+      roundBounds.length ? fmt(quantile(roundBounds, 0.5), 1) : '-',
+      roundRatios.length
+        ? `${(quantile(roundRatios, 0.5) * 100).toFixed(0)}% (${(Math.max(...roundRatios) * 100).toFixed(0)}%)`
+        : '-',
     ]);
   }
 keepBest(probe());
-measured.forEach(({ stepBytes, decodeTps }, i) => {
-  const bound = readT === undefined ? undefined : (readT * 1e9) / stepBytes;
-  rows[i]!.push(fmt(bound, 1), ratio(decodeTps, bound));
-});
 printTable(
-  `generate: ${preset}, prefill 1x${prefillLen}, greedy decode ${decodeTokens} tokens with the KV cache, fastest of ${rounds} rounds (median in brackets)${readT !== undefined ? `; read bandwidth ${fmt(readT)} GB/s (${threads} threads, best of ${layouts.length * 2 + 2} probes in this run)` : ''}`,
+  `generate: ${preset}, prefill 1x${prefillLen}, greedy decode ${decodeTokens} tokens with the KV cache, fastest of ${rounds} rounds (median in brackets)${readT !== undefined ? `; read bandwidth up to ${fmt(readT)} GB/s (${threads} threads, the best probe of this run)` : ''}`,
   [
     'weights, layout',
     'bytes/token (weights + KV)',
@@ -136,8 +151,8 @@ printTable(
     'PyTorch (median)',
     'ratio',
     'vs anchor 7.5',
-    'bandwidth bound tok/s',
-    'of bound',
+    'bandwidth bound tok/s (median of rounds)',
+    'of bound: median (best) of rounds',
   ],
   rows,
 );
