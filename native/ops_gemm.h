@@ -288,69 +288,60 @@ constexpr bool gv_interleaved() {
 #endif
 }
 
-// Q rows of B (k .. k + Q - 1, at row, row + B.rs, ...) into the chains t of R rows of C: c = fma(a_k, b_k, c)
-// in k order. Columns below np16 are in the interleaved order (gv_interleaved). With S = 2, two such runs of
-// rows (k[s], row[s], chains t[s]: rows of two different K blocks) side by side, the same columns of each
-// taken together: two streams from memory instead of one, which on two cores reads a weight 10-20% faster than
-// one stream a thread (each chain still takes its own k in order).
-template <int R, int DT, int Q, int S = 1>
-inline void gv_rows(const RG& g, const float* Ap, const int64_t* k, const int64_t* row, int64_t n, int64_t np16,
-                    float* const* t, int64_t ts) {
+// Q rows of B (k .. k + Q - 1, from element row on, then row + B.rs, ...) into the chains t of R rows of C:
+// c = fma(a_k, b_k, c) in k order. Columns below np16 are in the interleaved order (gv_interleaved).
+template <int R, int DT, int Q>
+inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_t n, int64_t np16, float* t,
+                    int64_t ts) {
   const Operand& B = g.B;
-  vf av[S][R][Q];
-  for (int s = 0; s < S; ++s)
-    for (int r = 0; r < R; ++r)
-      for (int q = 0; q < Q; ++q) av[s][r][q] = vset(Ap[r * g.K + k[s] + q]);
+  vf av[R][Q];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) av[r][q] = vset(Ap[r * g.K + k + q]);
   int64_t jv = 0;
 #if defined(__AVX2__) && LR_VW == 8
   if constexpr (gv_interleaved<DT>()) {
     const __m256i z = _mm256_setzero_si256();
     for (; jv < np16; jv += 16) {
-      vf lo[S][Q], hi[S][Q];
-      for (int s = 0; s < S; ++s)
+      vf lo[Q], hi[Q];
+      for (int q = 0; q < Q; ++q) {
+        gv_prefetch<DT>(B.p, row + q * B.rs + jv);
+        const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)B.p + row + q * B.rs + jv));
+        lo[q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
+        hi[q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
+      }
+      for (int r = 0; r < R; ++r) {
+        float* tp = t + r * ts + jv;
+        vf c0 = vload(tp), c1 = vload(tp + VW);
         for (int q = 0; q < Q; ++q) {
-          gv_prefetch<DT>(B.p, row[s] + q * B.rs + jv);
-          const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)B.p + row[s] + q * B.rs + jv));
-          lo[s][q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
-          hi[s][q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
+          c0 = vfma(av[r][q], lo[q], c0);
+          c1 = vfma(av[r][q], hi[q], c1);
         }
-      for (int s = 0; s < S; ++s)
-        for (int r = 0; r < R; ++r) {
-          float* tp = t[s] + r * ts + jv;
-          vf c0 = vload(tp), c1 = vload(tp + VW);
-          for (int q = 0; q < Q; ++q) {
-            c0 = vfma(av[s][r][q], lo[s][q], c0);
-            c1 = vfma(av[s][r][q], hi[s][q], c1);
-          }
-          vstore(tp, c0);
-          vstore(tp + VW, c1);
-        }
+        vstore(tp, c0);
+        vstore(tp + VW, c1);
+      }
     }
   }
 #endif
   // whole vectors, then the part of one left (its own loop: see gv_load_full)
-  auto step = [&](int64_t j, const vf (&b)[S][Q]) {
-    for (int s = 0; s < S; ++s)
-      for (int r = 0; r < R; ++r) {
-        float* tp = t[s] + r * ts + j;
-        vf c = vload(tp);
-        for (int q = 0; q < Q; ++q) c = vfma(av[s][r][q], b[s][q], c);
-        vstore(tp, c);
-      }
+  auto step = [&](int64_t j, const vf (&b)[Q]) {
+    for (int r = 0; r < R; ++r) {
+      float* tp = t + r * ts + j;
+      vf c = vload(tp);
+      for (int q = 0; q < Q; ++q) c = vfma(av[r][q], b[q], c);
+      vstore(tp, c);
+    }
   };
   for (; jv + VW <= n; jv += VW) {
-    vf b[S][Q];
-    for (int s = 0; s < S; ++s)
-      for (int q = 0; q < Q; ++q) {
-        gv_prefetch<DT>(B.p, row[s] + q * B.rs + jv);
-        b[s][q] = gv_load_full<DT>(B.p, row[s] + q * B.rs + jv);
-      }
+    vf b[Q];
+    for (int q = 0; q < Q; ++q) {
+      gv_prefetch<DT>(B.p, row + q * B.rs + jv);
+      b[q] = gv_load_full<DT>(B.p, row + q * B.rs + jv);
+    }
     step(jv, b);
   }
   if (jv < n) {
-    vf b[S][Q];
-    for (int s = 0; s < S; ++s)
-      for (int q = 0; q < Q; ++q) b[s][q] = gv_load_part<DT>(B.p, row[s] + q * B.rs + jv, n - jv);
+    vf b[Q];
+    for (int q = 0; q < Q; ++q) b[q] = gv_load_part<DT>(B.p, row + q * B.rs + jv, n - jv);
     step(jv, b);
   }
 }
@@ -384,85 +375,35 @@ void gv_emit(const RG& g, int64_t kb, const float* tb, int64_t j0, int64_t n, in
   }
 }
 
-// Whether B's rows are short (under 4 KiB): read two K blocks at a time, side by side, rather than as long rows
-// are (gv_strip; each chain still takes its k in order). Over short rows eight rows a pass are eight short
-// streams, which the prefetcher follows worse than one row at a time (f32's 576- and 960-wide rows of the 135m
-// preset measured 21.6 -> 20.1 ms/token against a 2 KiB bound).
+// Whether B's rows are short (under 4 KiB): a strip of their columns is read one row at a time too, as whole
+// rows are; eight rows a pass over such pieces are eight short streams, which the prefetcher follows worse (f32's
+// 576- and 960-wide rows of the 135m preset measured 21.6 -> 20.1 ms/token against a 2 KiB bound).
 inline bool gv_short_rows(const RG& g) { return g.N * (g.B.dtype == kOpF32 ? 4 : 2) < 4096; }
 
-// Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1, each block's chains emitted (gv_emit) as it ends.
-// t holds the chains of two blocks (2 R ts floats, ts = n rounded up to VW).
+// Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1, each block's chains emitted (gv_emit) as it ends;
+// t holds the chains of one block (R ts floats, ts = n rounded up to VW). Whole rows (a K block is one
+// contiguous run of B) are read row after row as one stream, gv_prefetch ahead of it; a strip of long rows'
+// columns, pieces far apart, eight rows a pass. Zen 5, 135m preset: the 3072-wide gate_up products of a step
+// 3.25 -> 2.69 ms (bf16) and 5.14 -> 4.53 ms (f32) read one row at a time rather than eight; the strips of the
+// 49152-wide head took 1.4x as long one at a time. (Two K blocks side by side, two streams a thread, read short
+// rows 10-20% faster on Zen 3; on Zen 5 one stream with gv_prefetch reads them as fast: 8.05 and 8.59 ms the
+// products of a bf16 step with pairs, 8.04 and 8.50 without.)
 template <int R, int DT>
 void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, int64_t kb0, int64_t kb1, float* t,
               float* P) {
-  const int64_t nv = (n + VW - 1) / VW, ts = nv * VW;  // t[r * ts + j]: the chains of row r
+  const int64_t ts = (n + VW - 1) / VW * VW;  // t[r * ts + j]: the chains of row r
   const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
-  const bool long_rows = !gv_short_rows(g);
-  // Long rows: whole ones (a thread's K blocks) are one contiguous run of B, read row after row as one stream
-  // (gv_prefetch ahead of it); parts of them (a strip of columns) are pieces far apart, read eight rows a pass.
-  // Zen 5, 135m preset: the 3072-wide gate_up products of a step 3.25 -> 2.69 ms (bf16) and 5.14 -> 4.53 ms (f32)
-  // read one row at a time rather than eight; the strips of the 49152-wide head took 1.4x as long one at a time.
-  const bool eight_rows = long_rows && n < g.N;
-  float* const tt[2] = {t, t + R * ts};
-  auto emit = [&](int64_t kb, const float* tb) { gv_emit<R, DT>(g, kb, tb, j0, n, ts, P); };
-  for (int64_t kb = kb0; kb < kb1;) {
+  const bool eight_rows = !gv_short_rows(g) && n < g.N;
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t k0 = kb * KC;
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
-    if (!long_rows && kb + 1 < kb1 && g.K - k0 >= 2 * KC) {  // two whole blocks side by side
-      for (int64_t i = 0; i < 2 * R * ts; i += VW) vstore(t + i, vset(0.0f));
-      for (int64_t i = 0; i < KC; ++i) {
-        const int64_t ks[2] = {k0 + i, k0 + KC + i};
-        const int64_t rows[2] = {ks[0] * g.B.rs + j0, ks[1] * g.B.rs + j0};
-        gv_rows<R, DT, 1, 2>(g, Ap, ks, rows, n, np16, tt, ts);
-      }
-      emit(kb, tt[0]);
-      emit(kb + 1, tt[1]);
-      kb += 2;
-      continue;
-    }
     for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
     int64_t k = k0;
     if (eight_rows)
-      for (; k + 8 <= k0 + kc; k += 8) {
-        const int64_t row = k * g.B.rs + j0;
-        gv_rows<R, DT, 8>(g, Ap, &k, &row, n, np16, tt, ts);
-      }
-    for (; k < k0 + kc; ++k) {
-      const int64_t row = k * g.B.rs + j0;
-      gv_rows<R, DT, 1>(g, Ap, &k, &row, n, np16, tt, ts);
-    }
-    emit(kb, t);
-    ++kb;
+      for (; k + 8 <= k0 + kc; k += 8) gv_rows<R, DT, 8>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
+    for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
+    gv_emit<R, DT>(g, kb, t, j0, n, ts, P);
   }
-}
-
-// Short rows: the whole K block kbA (all N columns) side by side with block kbB (kcB <= KC rows, columns
-// j0B .. j0B + nB, nB a multiple of 16): a thread's odd block out paired with its share of the blocks left over,
-// so that no rows are read as a lone stream. Both blocks' chains go to P (gv_emit), each taking its k in order.
-template <int R, int DT>
-void gv_pair_rest(const RG& g, const float* Ap, int64_t KC, int64_t kbA, int64_t kbB, int64_t j0B, int64_t nB,
-                  float* t, float* P) {
-  const int64_t tsA = (g.N + VW - 1) / VW * VW;
-  float* const tt[2] = {t, t + R * tsA};
-  for (int64_t i = 0; i < 2 * R * tsA; i += VW) vstore(t + i, vset(0.0f));
-  const int64_t kA0 = kbA * KC, kB0 = kbB * KC, kcB = g.K - kB0 < KC ? g.K - kB0 : KC;
-  const int64_t npB = gv_interleaved<DT>() ? nB : 0, npA = gv_interleaved<DT>() ? (g.N - nB) / 16 * 16 : 0;
-  float* const tA2[1] = {t + nB};  // block A's columns past nB
-  for (int64_t i = 0; i < KC; ++i) {
-    const int64_t k = kA0 + i, rowA = k * g.B.rs;
-    if (i < kcB) {
-      // the chains of both blocks are kept at stride tsA (gv_rows takes one ts): block B's in tt[1]
-      const int64_t ks[2] = {k, kB0 + i};
-      const int64_t rows[2] = {rowA, ks[1] * g.B.rs + j0B};
-      gv_rows<R, DT, 1, 2>(g, Ap, ks, rows, nB, npB, tt, tsA);
-      const int64_t row2 = rowA + nB;
-      gv_rows<R, DT, 1>(g, Ap, &k, &row2, g.N - nB, npA, tA2, tsA);
-    } else {
-      gv_rows<R, DT, 1>(g, Ap, &k, &rowA, g.N, gv_interleaved<DT>() ? g.N / 16 * 16 : 0, tt, tsA);
-    }
-  }
-  gv_emit<R, DT>(g, kbA, tt[0], 0, g.N, tsA, P);
-  gv_emit<R, DT>(g, kbB, tt[1], j0B, nB, tsA, P);
 }
 
 // The few-row kernels by dtype (f32, bf16, f16) and rows of C (1 .. kGemvRows): K::run<R, DT>.
@@ -484,15 +425,7 @@ struct GvStripK {
     gv_strip<R, DT>(g, Ap, j0, n, KC, kb0, kb1, t, P);
   }
 };
-struct GvPairRestK {
-  template <int R, int DT>
-  static void run(const RG& g, const float* Ap, int64_t KC, int64_t kbA, int64_t kbB, int64_t j0B, int64_t nB,
-                  float* t, float* P) {
-    gv_pair_rest<R, DT>(g, Ap, KC, kbA, kbB, j0B, nB, t, P);
-  }
-};
 constexpr auto kGvStrips = gv_table<GvStripK>();
-constexpr auto kGvPairRests = gv_table<GvPairRestK>();
 
 void rg_gemv_run(const RG& g, int threads);
 
@@ -523,31 +456,30 @@ void rg_gemv_run(const RG& g, int threads) {
   const GvFn strip = kGvStrips[di][g.M - 1];
   const int64_t q = g.K / KC / T;  // whole K blocks per thread
   if (T > 1 && q >= 1) {
-    // Threads take whole K blocks, each streaming a contiguous run of B's rows over all columns: thread t
-    // blocks t*q .. (t+1)*q - 1. The blocks left over (fewer than T whole ones, and a short last one) are
-    // shared by columns. Each block's chains go to P and are added to C in block order, as one thread would.
-    // Rows wider than kGemvWide go in strips of that many columns (eight rows a pass: gv_strip), so that the
-    // chains stay in L1/L2: the 135m preset's 49152-wide head, which the threads split by columns before, took
-    // 8.93 against 9.46 ms/token (bf16 decode, 8 of 10 alternating rounds faster) and 16.02 against 16.44 (f32).
+    // The threads take whole K blocks (contiguous runs of B's rows), a block a task, handed out as they finish,
+    // rather than ranges of columns, which the prefetcher followed at half the speed. Rows wider than kGemvWide
+    // go a strip of that many columns a task (eight rows a pass: gv_strip), so that the chains stay in L1/L2: the
+    // 135m preset's 49152-wide head, split by columns before, took 8.93 against 9.46 ms/token (bf16 decode, 8 of
+    // 10 alternating rounds faster) and 16.02 against 16.44 (f32). The short last block is shared by columns.
+    // Each block's chains go to P and are added to C in block order, as one thread would, so the bits do not
+    // depend on which thread took which block; a thread held up by the machine leaves its blocks to the other
+    // (bf16 decode on a busy Zen 5 host: median 15.2 -> 13.4 ms/token, 8 of 12 rounds faster, against each
+    // thread taking a fixed half; the same within noise on a quiet one).
     float* P = tls_rg_p.get<float>((size_t)(nKB * g.M * g.N + VW));
-    const int64_t rest = nKB - T * q;
+    const int64_t whole = g.K / KC, nS = (g.N + kGemvWide - 1) / kGemvWide;
     const int64_t colUnit = 16, nU = (g.N + colUnit - 1) / colUnit;
-    const bool pair_rest = gv_short_rows(g) && q % 2 == 1 && rest == 1;
-    par_tasks_n(T, [&](int t) {
-      float* tb = tls_rg_b.get<float>((size_t)(2 * kGemvRows * (kGemvWide + VW)));
-      const int64_t u0 = nU * t / T, u1 = nU * (t + 1) / T;
-      const int64_t j0 = u0 * colUnit, j1 = u1 * colUnit < g.N ? u1 * colUnit : g.N;
-      // an odd number of whole blocks a thread: its last one goes side by side with its columns of the rest
-      const bool pr = pair_rest && j1 > j0 && (j1 - j0) % 16 == 0;
-      auto strips = [&](int64_t c0, int64_t c1, int64_t kb0, int64_t kb1) {
-        for (int64_t c = c0; c < c1; c += kGemvWide)
-          strip(g, Ap, c, c1 - c < kGemvWide ? c1 - c : kGemvWide, KC, kb0, kb1, tb, P);
-      };
-      strips(0, g.N, t * q, (t + 1) * q - (pr ? 1 : 0));
-      if (pr)
-        kGvPairRests[di][g.M - 1](g, Ap, KC, (t + 1) * q - 1, T * q, j0, j1 - j0, tb, P);
-      else if (rest > 0 && j1 > j0)
-        strips(j0, j1, T * q, nKB);
+    const int64_t pieces = whole < nKB ? T : 0;  // of the short block, by columns
+    par_tasks(whole * nS + pieces, T, [&](int64_t i) {
+      float* tb = tls_rg_b.get<float>((size_t)(kGemvRows * (kGemvWide + VW)));
+      if (i < whole * nS) {
+        const int64_t kb = i / nS, c0 = i % nS * kGemvWide;
+        strip(g, Ap, c0, g.N - c0 < kGemvWide ? g.N - c0 : kGemvWide, KC, kb, kb + 1, tb, P);
+        return;
+      }
+      const int64_t p = i - whole * nS, u0 = nU * p / T, u1 = nU * (p + 1) / T;
+      const int64_t j1 = u1 * colUnit < g.N ? u1 * colUnit : g.N;
+      for (int64_t c = u0 * colUnit; c < j1; c += kGemvWide)
+        strip(g, Ap, c, j1 - c < kGemvWide ? j1 - c : kGemvWide, KC, whole, nKB, tb, P);
     });
     for (int64_t r = 0; r < g.M; ++r) {
       float* c = g.C + r * g.ldc;
@@ -562,7 +494,7 @@ void rg_gemv_run(const RG& g, int threads) {
     return;
   }
   par_ranges(nV, T, 1, [&](int64_t v0, int64_t v1) {
-    float* t = tls_rg_b.get<float>((size_t)(2 * kGemvRows * kGemvStrip + VW));
+    float* t = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
     const int64_t j1 = v1 * VW < g.N ? v1 * VW : g.N;
     for (int64_t j0 = v0 * VW; j0 < j1; j0 += kGemvStrip) {
       const int64_t n = j1 - j0 < kGemvStrip ? j1 - j0 : kGemvStrip;

@@ -125,13 +125,11 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
       { n: 70, k: 2 * kc + 5 },
       { n: 3, k: kc + 1 },
       { n: 2100, k: 37 }, // wider than a strip of the few-row path (ops_gemm.h kGemvStrip)
-      { n: 100, k: 4 * kc - 3 }, // four K blocks: the few-row path splits them across threads
-      { n: 1030, k: 3 * kc + 7 }, // whole blocks per thread, the short last one shared by columns; long rows
-      { n: 40, k: 4 * kc + 5 }, // short rows: two whole blocks per thread side by side (gv_rows with S = 2)
-      { n: 24, k: 6 * kc }, // three per thread: a pair, then one alone
-      // short rows, five whole blocks per thread and one short block left: each thread's fifth block goes side by
-      // side with its columns of the short one (the first thread's 144 columns), or is read alone (the second's
-      // 156, not a multiple of 16)
+      { n: 100, k: 4 * kc - 3 }, // four K blocks: the few-row path hands them to the threads (3 whole, 1 short)
+      { n: 1030, k: 3 * kc + 7 }, // whole blocks as tasks, the short last one shared by columns; long rows
+      { n: 40, k: 4 * kc + 5 }, // short rows: whole blocks, and a short block of 5 rows shared by columns
+      { n: 24, k: 6 * kc }, // no short block
+      // short rows, ten whole blocks and one short one, whose columns the threads share (144 and 156 of them)
       { n: 300, k: 10 * kc + 50 },
     ];
     for (const { n, k } of shapes)
