@@ -423,19 +423,17 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
         nan = nan || mc != mc;
         if (mc > mx) mx = mc;
       }
-      if (nan) mx = NAN;
       float* o = out + ((b * a.Tq + t) * a.Hq + h) * D;
       float* li = lse + (b * a.Hq + h) * a.Tq + t;
       float L = 0.0f;
       for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-      if (mx != -INFINITY)
-        for (int64_t c = nch - 1; c >= 0; --c) {
-          const float* pp = part + (task * nch + c) * pstride;
-          if (pp[r] == -INFINITY) continue;
-          const float w = exp2f(pp[r] - mx);
-          L += pp[Rmax + r] * w;
-          for (int64_t d = 0; d < D; ++d) o[d] += pp[2 * Rmax + r * DP + d] * w;
-        }
+      for (int64_t c = nch - 1; c >= 0 && !nan; --c) {
+        const float* pp = part + (task * nch + c) * pstride;
+        if (pp[r] == -INFINITY) continue;  // a chunk with no key seen
+        const float w = exp2f(pp[r] - mx);
+        L += pp[Rmax + r] * w;
+        for (int64_t d = 0; d < D; ++d) o[d] += pp[2 * Rmax + r * DP + d] * w;
+      }
       if (L > 0.0f) {
         for (int64_t d = 0; d < D; ++d) o[d] /= L;
         *li = (float)((double)mx * kLn2 + log((double)L));
