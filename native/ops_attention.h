@@ -3,7 +3,9 @@
 // Forward: one task per (batch, kv head, query block); the query block holds Bq positions x the G query heads
 // that share the kv head (GQA: every K/V block is converted once and used by all G heads). Per key block:
 // S = Q K^T (scores pre-multiplied by scale * log2 e, so exp is exp2), masked, online softmax (running max m,
-// sum l, output O rescaled by 2^(m_old - m_new)), O += P V. The output is O / l, lse = m ln 2 + ln l.
+// sum l, output O rescaled by 2^(m_old - m_new)), O += P V. The output is O / l, lse = m ln 2 + ln l. Scores
+// read K rows as they are (s_rows_dot: no transposed copy, which had cost decoding's few rows more than the
+// scores themselves), and each score's arithmetic depends on its query row and key row alone.
 //
 // Invariance: query blocks are aligned to the end of Tq and key blocks to the last position of their query
 // block, so the arithmetic of a row depends only on the keys it sees relative to its own position. A
@@ -20,43 +22,12 @@ namespace {
 
 constexpr int BK = 4 * VW;  // keys per block
 constexpr int NVK = BK / VW;
-constexpr int SR = VW == 16 ? 4 : 2;  // rows per score micro-tile
+constexpr int SR = VW == 16 ? 4 : 2;  // rows per P V micro-tile
 constexpr int64_t RT = 64;            // rows (positions x heads) per query tile
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr double kLn2 = 0.693147180559945309;
 
 inline int64_t rup(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-// S[r][0:BK] = sum_d Q[r][d] Kt[d][0:BK] for NR rows (Q rows of stride DP).
-template <int NR>
-inline void s_tile(const float* Q, int64_t DP, int64_t D, const float* Kt, float* S) {
-  vf acc[NR][NVK];
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < NVK; ++v) acc[r][v] = vset(0.0f);
-  for (int64_t d = 0; d < D; ++d) {
-    vf kv[NVK];
-    for (int v = 0; v < NVK; ++v) kv[v] = vload(Kt + d * BK + v * VW);
-    for (int r = 0; r < NR; ++r) {
-      const vf a = vset(Q[r * DP + d]);
-      for (int v = 0; v < NVK; ++v) acc[r][v] = vfma(a, kv[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < NVK; ++v) vstore(S + r * BK + v * VW, acc[r][v]);
-}
-
-void s_rows(const float* Q, int64_t R, int64_t DP, int64_t D, const float* Kt, float* S) {
-  // three rows (decoding's G = 3 query heads of a kv head) in one tile: twelve chains in flight, not 8 then 4
-  if (SR == 2 && R == 3) return s_tile<3>(Q, DP, D, Kt, S);
-  int64_t r = 0;
-  for (; r + SR <= R; r += SR) s_tile<SR>(Q + r * DP, DP, D, Kt, S + r * BK);
-  switch (R - r) {
-    case 3: s_tile<3>(Q + r * DP, DP, D, Kt, S + r * BK); break;
-    case 2: s_tile<2>(Q + r * DP, DP, D, Kt, S + r * BK); break;
-    case 1: s_tile<1>(Q + r * DP, DP, D, Kt, S + r * BK); break;
-    default: break;
-  }
-}
 
 // O[r][d0 : d0 + NDV VW] = O * scale_r + sum_jj P[r][jj] X[jj][...] for NR rows (scale_r = 1 when al null);
 // O rows of stride DP, X rows of stride ldx.
@@ -90,7 +61,8 @@ void pv_rows_nr(const float* P, const float* X, int64_t ldx, int64_t DP, float* 
 }
 
 void pv_rows(const float* P, int64_t R, const float* X, int64_t ldx, int64_t DP, float* O, const float* al) {
-  if (SR == 2 && R == 3) return pv_rows_nr<3>(P, X, ldx, DP, O, al);  // as s_rows
+  // three rows (decoding's G = 3 query heads of a kv head) in one tile: twelve chains in flight, not 8 then 4
+  if (SR == 2 && R == 3) return pv_rows_nr<3>(P, X, ldx, DP, O, al);
   int64_t r = 0;
   for (; r + SR <= R; r += SR) pv_rows_nr<SR>(P + r * BK, X, ldx, DP, O + r * DP, al ? al + r : nullptr);
   const float* a = al ? al + r : nullptr;
@@ -139,39 +111,91 @@ inline bool key_valid(const AttnArgs& a, int64_t b, int64_t j) {
   return true;
 }
 
-// Xt[d][jj] = X(key j0 + jj, d) for one of k / v: VW x VW in-register transposes where a group of VW keys is
-// all valid, else column by column (invalid keys are zero columns).
-void pack_t(const void* p, int dt, const int64_t* st, int64_t b, int64_t kvh, int64_t j0, int64_t D, const bool* kval,
-            float* Xt, float* tmp) {
-  for (int64_t g0 = 0; g0 < BK; g0 += VW) {
-    bool all = true;
-    for (int64_t jj = g0; jj < g0 + VW; ++jj) all = all && kval[jj];
-    if (all) {
-      const int64_t base = b * st[0] + (j0 + g0) * st[1] + kvh * st[2];
-      int64_t d0 = 0;
-#if defined(__AVX2__) && LR_VW == 8
-      if (dt == kOpF32)  // the KV cache's f32 rows: 8 x 8 in registers, inline (a quarter of decoding's attention)
-        for (; d0 + 8 <= D; d0 += 8) {
-          const float* src = (const float*)p + base + d0;
-          __m256 r[8], o[8];
-          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * st[1]);
-          transpose8x8(r, o);
-          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(Xt + (d0 + i) * BK + g0, o[i]);
-        }
+// Scores against K rows read in place. Each score is a chain of FMAs over the d-vectors of
+// its key row and query row (lane l of the chain sums d = l, l + VW, ...), and then the VW lanes of VW keys'
+// chains are summed together by a fixed tree of shuffles and adds (keys_hsum): the same order whatever else
+// shares the block, so a row's scores depend on its own query and keys alone.
+constexpr int kDotNR = 4;  // rows per pass over a group of keys (their chains and trees stay in registers)
+
+// The tree's levels. Level 1 combines two keys' vectors, level 2 two pairs, ...; after log2 VW levels lane l
+// holds key l's sum. Within each 128-bit lane: level 1 [a0+a2, b0+b2, a1+a3, b1+b3], level 2 the four keys'
+// sums of that lane; the 128-bit lanes are then summed pairwise (two levels for AVX-512, one for AVX2).
+template <int N>
+inline vf keys_combine(vf a, vf b) {
+#if defined(__AVX512F__) && LR_VW == 16
+  const __m512 x = (__m512)a, y = (__m512)b;
+  if constexpr (N == 2) return (vf)_mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+  if constexpr (N == 4) return (vf)_mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE));
+  return (vf)_mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+#elif defined(__AVX2__) && LR_VW == 8
+  const __m256 x = (__m256)a, y = (__m256)b;
+  if constexpr (N == 2) return (vf)_mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y));
+  if constexpr (N == 4) return (vf)_mm256_add_ps(_mm256_shuffle_ps(x, y, 0x44), _mm256_shuffle_ps(x, y, 0xEE));
+  return (vf)_mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+#else
+  static_assert(VW == 4, "the generic build has 4 lanes");
+  if constexpr (N == 2) return __builtin_shuffle(a, b, vi{0, 4, 1, 5}) + __builtin_shuffle(a, b, vi{2, 6, 3, 7});
+  return __builtin_shuffle(a, b, vi{0, 1, 4, 5}) + __builtin_shuffle(a, b, vi{2, 3, 6, 7});
 #endif
-      for (; d0 < D; d0 += VW)
-        load_block_t(p, dt, base + d0, st[1], VW, D - d0 < VW ? D - d0 : VW, Xt + d0 * BK + g0, BK, VW);
-      continue;
+}
+
+template <int NR>
+struct RowVecs {
+  vf v[NR];
+};
+
+// Keys [S, S + N) of a group of VW, for NR rows: their chains (ND whole d-vectors, then `tail` more d's), with
+// the tree's first log2 N levels applied.
+template <int NR, int N, int S, int ND>
+inline RowVecs<NR> keys_tree(const float* const* kr, const float* Q, int64_t DP, int64_t nd, int64_t tail) {
+  RowVecs<NR> o;
+  if constexpr (N == 1) {
+    const float* k = kr[S];
+    for (int r = 0; r < NR; ++r) o.v[r] = vset(0.0f);
+    const int64_t n = ND > 0 ? ND : nd;
+    for (int64_t c = 0; c < n; ++c) {
+      const vf kv = vload(k + c * VW);
+      for (int r = 0; r < NR; ++r) o.v[r] = vfma(kv, vload(Q + r * DP + c * VW), o.v[r]);
     }
-    for (int64_t jj = g0; jj < g0 + VW; ++jj) {
-      if (kval[jj]) {
-        load_row(p, dt, b * st[0] + (j0 + jj) * st[1] + kvh * st[2], D, tmp);
-        for (int64_t d = 0; d < D; ++d) Xt[d * BK + jj] = tmp[d];
-      } else {
-        for (int64_t d = 0; d < D; ++d) Xt[d * BK + jj] = 0.0f;
-      }
+    if (ND == 0 && tail) {
+      const vf kv = vload_n(k + n * VW, tail);
+      for (int r = 0; r < NR; ++r) o.v[r] = vfma(kv, vload(Q + r * DP + n * VW), o.v[r]);
     }
+  } else {
+    const RowVecs<NR> x = keys_tree<NR, N / 2, S, ND>(kr, Q, DP, nd, tail);
+    const RowVecs<NR> y = keys_tree<NR, N / 2, S + N / 2, ND>(kr, Q, DP, nd, tail);
+    for (int r = 0; r < NR; ++r) o.v[r] = keys_combine<N>(x.v[r], y.v[r]);
   }
+  return o;
+}
+
+// S[r][0:BK] = Q[r] . K[jj] for NR rows (Q rows of stride DP, zero past D); kr[jj]: key jj's row of D floats.
+// ND: D / VW when D is a whole number of vectors known here, else 0 (nd whole vectors and a tail, at run time).
+template <int NR, int ND>
+inline void s_dot_tile(const float* Q, int64_t DP, int64_t D, const float* const* kr, float* S) {
+  for (int g = 0; g < NVK; ++g) {
+    const RowVecs<NR> s = keys_tree<NR, VW, 0, ND>(kr + g * VW, Q, DP, D / VW, D % VW);
+    for (int r = 0; r < NR; ++r) vstore(S + r * BK + g * VW, s.v[r]);
+  }
+}
+
+template <int ND>
+void s_rows_dot_nd(const float* Q, int64_t R, int64_t DP, int64_t D, const float* const* kr, float* S) {
+  int64_t r = 0;
+  for (; r + kDotNR <= R; r += kDotNR) s_dot_tile<kDotNR, ND>(Q + r * DP, DP, D, kr, S + r * BK);
+  switch (R - r) {
+    case 3: s_dot_tile<3, ND>(Q + r * DP, DP, D, kr, S + r * BK); break;
+    case 2: s_dot_tile<2, ND>(Q + r * DP, DP, D, kr, S + r * BK); break;
+    case 1: s_dot_tile<1, ND>(Q + r * DP, DP, D, kr, S + r * BK); break;
+    default: break;
+  }
+}
+
+// S [R][BK] of R rows against one block's keys (rows kr[0..BK), zero rows for invalid keys)
+void s_rows_dot(const float* Q, int64_t R, int64_t DP, int64_t D, const float* const* kr, float* S) {
+  if (D == 64) return s_rows_dot_nd<64 / VW>(Q, R, DP, D, kr, S);
+  if (D == 128) return s_rows_dot_nd<128 / VW>(Q, R, DP, D, kr, S);
+  s_rows_dot_nd<0>(Q, R, DP, D, kr, S);
 }
 
 // Xn[jj][0:DP] = X(key j0 + jj, 0:D) for one of k / v, zero-padded; invalid keys are zero rows.
@@ -207,16 +231,15 @@ bool block_keys(const AttnArgs& a, int64_t b, int64_t j0, bool* kval, bool* all)
   return any;
 }
 
-// One key block [j0, j0 + BK) of kv head kvh: Vn (and Kn when non-null) [BK][DP] natural and zero-padded;
-// Kt (and Vt when non-null) [D][BK] transposed. Invalid slots are all zero. Returns whether any slot is valid.
+// One key block [j0, j0 + BK) of kv head kvh: Kn, Vn [BK][DP] natural and zero-padded, invalid slots all
+// zero, and kr, vr pointing at their rows. Returns whether any slot is valid.
 bool pack_kv(const AttnArgs& a, int64_t b, int64_t kvh, int64_t j0, int64_t DP, bool* kval, float* Kn, float* Vn,
-             float* Kt, float* Vt, float* tmp) {
+             const float** kr, const float** vr) {
   bool all;
   if (!block_keys(a, b, j0, kval, &all)) return false;
+  pack_n(a.k, a.kdt, a.ks, b, kvh, j0, a.D, DP, kval, Kn);
   pack_n(a.v, a.vdt, a.vs, b, kvh, j0, a.D, DP, kval, Vn);
-  if (Kn) pack_n(a.k, a.kdt, a.ks, b, kvh, j0, a.D, DP, kval, Kn);
-  pack_t(a.k, a.kdt, a.ks, b, kvh, j0, a.D, kval, Kt, tmp);
-  if (Vt) pack_t(a.v, a.vdt, a.vs, b, kvh, j0, a.D, kval, Vt, tmp);
+  for (int64_t jj = 0; jj < BK; ++jj) kr[jj] = Kn + jj * DP, vr[jj] = Vn + jj * DP;
   return true;
 }
 
@@ -296,8 +319,9 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     const int64_t b = task / (a.Hkv * nqb), kvh = (task / nqb) % a.Hkv, qb = task % nqb;
     const int64_t t1 = a.Tq - qb * Bq, t0 = t1 - Bq > 0 ? t1 - Bq : 0;
     const int64_t R = (t1 - t0) * G;
-    // scratch: Qs, O [R][DP]; S [R][BK]; m, l, al [R]; Kn, Vn [BK][DP]; Kt [D][BK]
-    const size_t nfl = (size_t)(2 * R * DP + R * BK + 4 * R + 2 * BK * DP + D * BK + 9 * VW);
+    // scratch: Qs, O [R][DP]; S [R][BK]; m, l, al [R]; Kn, Vn [BK][DP]; a zero key row [DP]; the block's key
+    // rows [BK] (pointers)
+    const size_t nfl = (size_t)(2 * R * DP + R * BK + 4 * R + 2 * BK * DP + DP + 2 * BK + 11 * VW);
     float* Qs = tls_attn.get<float>(nfl + (size_t)(R * 3 + BK));
     float* O = Qs + R * DP;
     float* S = O + R * DP;
@@ -307,8 +331,9 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     float* mnew = al + R;
     float* Kn = mnew + R + VW;
     float* Vn = Kn + BK * DP;
-    float* Kt = Vn + BK * DP;
-    int64_t* prow = (int64_t*)(((uintptr_t)(Kt + D * BK + VW) + 7) & ~(uintptr_t)7);
+    float* zrow = Vn + BK * DP + VW;
+    const float** kr = (const float**)(((uintptr_t)(zrow + DP + VW) + 7) & ~(uintptr_t)7);
+    int64_t* prow = (int64_t*)(kr + BK);
     int32_t* srow = (int32_t*)(prow + R);
     bool* kval = (bool*)(srow + R);
     for (int64_t r = 0; r < R; ++r) {
@@ -318,6 +343,8 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
       for (int64_t d = 0; d < D; ++d) qr[d] *= qscale;
       for (int64_t d = D; d < DP; ++d) qr[d] = 0.0f;
       for (int64_t d = 0; d < DP; ++d) O[r * DP + d] = 0.0f;
+      if (r == 0)
+        for (int64_t d = 0; d < DP; ++d) zrow[d] = 0.0f;
       m[r] = -INFINITY;
       l[r] = 0.0f;
       prow[r] = off + t;
@@ -333,7 +360,16 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
       const int64_t j0 = pmax + 1 - (e + 1) * BK;
       bool all;
       if (!block_keys(a, b, j0, kval, &all)) continue;
-      pack_t(a.k, a.kdt, a.ks, b, kvh, j0, D, kval, Kt, Kn);
+      if (a.kdt == kOpF32 && R <= kDotNR) {
+        // f32 keys read once (one pass of rows) are read in place, an invalid one as a zero row; a tile of more
+        // rows reads them again each pass, from a packed copy (in place, rows 2 KiB apart, 8 kv heads of 64,
+        // kept falling out of L1: prefill attention 1.6x slower)
+        const float* kb = (const float*)a.k + b * a.ks[0] + kvh * a.ks[2];
+        for (int64_t jj = 0; jj < BK; ++jj) kr[jj] = kval[jj] ? kb + (j0 + jj) * a.ks[1] : zrow;
+      } else {
+        pack_n(a.k, a.kdt, a.ks, b, kvh, j0, D, DP, kval, Kn);
+        for (int64_t jj = 0; jj < BK; ++jj) kr[jj] = Kn + jj * DP;
+      }
       const float* Vb = Vn;
       int64_t ldv = DP;
       if (all && v_in_place && R <= kVInPlaceRows) {
@@ -342,7 +378,7 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
       } else {
         pack_n(a.v, a.vdt, a.vs, b, kvh, j0, D, DP, kval, Vn);
       }
-      s_rows(Qs, R, DP, D, Kt, S);
+      s_rows_dot(Qs, R, DP, D, kr, S);
       mask_scores(a, b, j0, kval, prow, srow, R, S);
       // online softmax: block row maxima, then (vectorised over rows) the new maxima and the rescale factors
       // 2^(m_old - m_new), then P = 2^(S - m_new) and the row sums
@@ -454,9 +490,10 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
   const int64_t Rall = a.Tq * G;
   par_tasks(a.B * a.Hkv, threads, [&](int64_t task) {
     const int64_t b = task / a.Hkv, kvh = task % a.Hkv;
-    // scratch: Qs, dO, dQ [Rall][DP]; Dd, L2 [Rall]; S, dP [RT'][BK]; Kn, Vn, dK, dV [BK][DP]; Kt, Vt [D][BK]
+    // scratch: Qs, dO, dQ [Rall][DP]; Dd, L2 [Rall]; S, dP [RT'][BK]; Kn, Vn, dK, dV [BK][DP]; the block's key
+    // and value rows [BK] (pointers)
     const int64_t Rt = Bq * G;
-    const size_t nfl = (size_t)(3 * Rall * DP + 2 * Rall + 2 * Rt * BK + 4 * BK * DP + 2 * D * BK + DP + 8 * VW);
+    const size_t nfl = (size_t)(3 * Rall * DP + 2 * Rall + 2 * Rt * BK + 4 * BK * DP + 4 * BK + 8 * VW);
     float* Qs = tls_attn.get<float>(nfl + (size_t)(3 * Rt + BK));
     float* dO = Qs + Rall * DP;
     float* dQ = dO + Rall * DP;
@@ -468,10 +505,9 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
     float* Vn = Kn + BK * DP;
     float* dK = Vn + BK * DP;
     float* dV = dK + BK * DP;
-    float* Kt = dV + BK * DP;
-    float* Vt = Kt + D * BK;
-    float* tmp = Vt + D * BK;
-    int64_t* prow = (int64_t*)(((uintptr_t)(tmp + DP + VW) + 7) & ~(uintptr_t)7);
+    const float** kr = (const float**)(((uintptr_t)(dV + BK * DP + VW) + 7) & ~(uintptr_t)7);
+    const float** vr = kr + BK;
+    int64_t* prow = (int64_t*)(vr + BK);
     int32_t* srow = (int32_t*)(prow + Rt);
     bool* kval = (bool*)(srow + Rt);
     for (int64_t r = 0; r < Rall; ++r) {
@@ -503,7 +539,7 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
         if (lim < thi) thi = lim;
       }
       if (tlo >= thi) continue;
-      if (!pack_kv(a, b, kvh, j0, DP, kval, Kn, Vn, Kt, Vt, tmp)) continue;
+      if (!pack_kv(a, b, kvh, j0, DP, kval, Kn, Vn, kr, vr)) continue;
       for (int64_t i = 0; i < BK * DP; ++i) dK[i] = dV[i] = 0.0f;
       for (int64_t tq0 = tlo; tq0 < thi; tq0 += Bq) {
         const int64_t tq1 = tq0 + Bq < thi ? tq0 + Bq : thi;
@@ -513,9 +549,9 @@ void attn_bwd_k(const AttnArgs& a, const float* out, const float* lse, const flo
           prow[r] = off + tq0 + r / G;
           srow[r] = a.seq_ids ? a.seq_ids[b * a.Tk + prow[r]] : 0;
         }
-        s_rows(Qs + r0 * DP, R, DP, D, Kt, S);
+        s_rows_dot(Qs + r0 * DP, R, DP, D, kr, S);  // the forward's scores, bit for bit
         mask_scores(a, b, j0, kval, prow, srow, R, S);
-        s_rows(dO + r0 * DP, R, DP, D, Vt, dP);
+        s_rows_dot(dO + r0 * DP, R, DP, D, vr, dP);
         for (int64_t r = 0; r < R; ++r) {
           float* sr = S + r * BK;
           float* dr = dP + r * BK;

@@ -871,6 +871,12 @@ test('attention forward and backward: GQA, offsets, masks, packed sequences, win
     { B: 2, Tq: 1, Tk: 100, Hq: 2, Hkv: 2, D: 64, kvDtype: 'bf16', cache: 130 },
     { B: 2, Tq: 50, Tk: 50, Hq: 2, Hkv: 1, D: 8, seq: true, mask: 'i32' },
     { B: 1, Tq: 80, Tk: 90, Hq: 2, Hkv: 2, D: 24, window: 17, kvDtype: 'f16' },
+    // the score kernels: f32 keys read in place (few rows) at D 64, 128 and 40 (whole vectors and a part), and
+    // packed (many rows) at D 128
+    { B: 1, Tq: 1, Tk: 150, Hq: 6, Hkv: 2, D: 64, cache: 200 },
+    { B: 1, Tq: 2, Tk: 77, Hq: 4, Hkv: 2, D: 128 },
+    { B: 1, Tq: 1, Tk: 70, Hq: 3, Hkv: 3, D: 40, mask: 'u8' },
+    { B: 2, Tq: 20, Tk: 40, Hq: 4, Hkv: 1, D: 128, mask: 'u8' },
   ];
   eachIsa((nb, isa) => {
     for (const c of cases) {
