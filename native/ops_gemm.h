@@ -293,7 +293,7 @@ constexpr bool gv_interleaved() {
 template <int R, int DT, int Q>
 inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_t n, int64_t np16, float* t,
                     int64_t ts) {
-  const Operand& B = g.B;
+  const Operand B = g.B;  // a copy: t's stores (memcpy) could alias g, and B.p was loaded again every vector
   vf av[R][Q];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < Q; ++q) av[r][q] = vset(Ap[r * g.K + k + q]);
