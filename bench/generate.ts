@@ -16,6 +16,7 @@ import { getBackend } from '../src/backend/index.ts';
 import { Rng } from '../src/core/rng.ts';
 import { PRESETS } from '../src/models/config.ts';
 import { DecodeSession } from '../src/models/generate.ts';
+import { argmax } from '../src/models/sampling.ts';
 import { initModel, presetConfig } from '../src/models/save.ts';
 import { fmt, machineLine, measureLimits, printTable, quantile, ratio, runTorchReference } from './common.ts';
 
@@ -99,10 +100,7 @@ for (const dtype of ['f32', 'bf16'] as const)
       const before = readNow();
       t0 = performance.now();
       for (let i = 0; i < decodeTokens; i++) {
-        let best = 0;
-        const l = logits[0]!;
-        for (let j = 1; j < l.length; j++) if (l[j]! > l[best]!) best = j;
-        logits = s.step([[best]]);
+        logits = s.step([[argmax(logits[0]!)]]); // greedy, as lowrank generate picks
       }
       const secs = (performance.now() - t0) / 1000;
       decodeS.push(secs);
