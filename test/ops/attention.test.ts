@@ -140,7 +140,7 @@ test('attention matches the naive composition (GQA, decode, chunked prefill, odd
       [0, 0, 1, 1, 1],
     ],
   });
-  // decoding over many keys: the native kernel splits them into chunks of 128 and combines the chunks
+  // decoding over many keys: the native kernel splits them into chunks of 192 and combines the chunks
   compareWithNaive('decode Tq1 Tk300 GQA 3', [1, 1, 9, 16], [1, 300, 3, 16]);
   compareWithNaive('decode Tq2 Tk333 larger scores', [2, 2, 4, 8], [2, 333, 2, 8], {}, undefined, 4);
   compareWithNaive('decode Tq1 Tk290 window 150', [1, 1, 2, 8], [1, 290, 1, 8], { window: 150 });
