@@ -111,10 +111,10 @@ inline bool key_valid(const AttnArgs& a, int64_t b, int64_t j) {
   return true;
 }
 
-// Scores against K rows read in place. Each score is a chain of FMAs over the d-vectors of
-// its key row and query row (lane l of the chain sums d = l, l + VW, ...), and then the VW lanes of VW keys'
-// chains are summed together by a fixed tree of shuffles and adds (keys_hsum): the same order whatever else
-// shares the block, so a row's scores depend on its own query and keys alone.
+// Scores against K rows read as they lie. Each score is a chain of FMAs over the d-vectors of its key row and
+// query row (lane l of the chain sums d = l, l + VW, ...), and then the VW lanes of VW keys' chains are summed
+// together by a fixed tree of shuffles and adds (keys_combine): the same order whatever else shares the block,
+// so a row's scores depend on its own query and keys alone.
 constexpr int kDotNR = 4;  // rows per pass over a group of keys (their chains and trees stay in registers)
 
 // The tree's levels. Level 1 combines two keys' vectors, level 2 two pairs, ...; after log2 VW levels lane l
