@@ -636,6 +636,14 @@ Napi::Value SumSquares(const Napi::CallbackInfo& info) {
   return Napi::Number::New(a.env(), ops()->sum_squares(a.f32(0, a.integer(1), n), n, threads()));
 }
 
+// argmax(x, xOff, n): the first index of the largest of n floats (0 when none exceeds -inf)
+Napi::Value Argmax(const Napi::CallbackInfo& info) {
+  Args a{info, "argmax"};
+  a.count(3);
+  const int64_t n = a.integer(2);
+  return Napi::Number::New(a.env(), (double)ops()->argmax(a.f32(0, a.integer(1), n), n));
+}
+
 // dropout(x, xOff, out, oOff, n, threshold, scale, key0, key1)
 Napi::Value Dropout(const Napi::CallbackInfo& info) {
   Args a{info, "dropout"};
@@ -982,6 +990,7 @@ void init_ops(Napi::Env env, Napi::Object exports, int (*get_isa)(), int (*get_t
       {"dequantize4bitRows", Dequantize4bitRows},
       {"opsIsa", OpsIsa},
       {"allocStreamed", AllocStreamed},
+      {"argmax", Argmax},
       {"_readAhead", ReadAheadBytes},
       {"planCreate", PlanCreate},
       {"planAdd", PlanAdd},

@@ -149,6 +149,8 @@ struct OpsImpl {
   // optimizer
   void (*adamw)(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& s, int threads);
   double (*sum_squares)(const float* x, int64_t n, int threads);
+  // the first index of the largest of x[0 .. n) (NaN never largest), 0 when none exceeds -inf
+  int64_t (*argmax)(const float* x, int64_t n);
   // dropout (counter-based mask, see src/backend/kernels/dropout.ts)
   void (*dropout)(const float* x, float* out, int64_t n, int64_t threshold, double scale, uint32_t key0,
                   uint32_t key1, int threads);

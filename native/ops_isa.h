@@ -35,6 +35,7 @@ const OpsImpl kOps = {
     ce_bwd_k,
     adamw_k,
     sum_squares_k,
+    argmax_k,
     dropout_k,
     lora_weight_norm_k,
     lora_rows_k,

@@ -90,6 +90,11 @@ export interface CoreKernels {
    */
   allocStreamed?(bytes: number): ArrayBuffer;
   /**
+   * Optional: the first index of the largest element of x (NaN never largest), 0 when none exceeds -inf, as
+   * src/models/sampling.ts argmax (a greedy pick over a vocabulary of logits).
+   */
+  argmax?(x: Float32Array): number;
+  /**
    * Optional: records the kernel calls `body` makes (which do not run) as a plan that one call replays, for
    * a fixed sequence of calls made over and over (a decoding step: src/models/decode-plan.ts). Returns null
    * when one of the calls has no recordable kernel. After `dynamic(step)` the next call depends on run's L:

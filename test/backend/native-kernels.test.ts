@@ -25,6 +25,7 @@ import { IndexError, LifetimeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { Tensor } from '../../src/core/tensor.ts';
 import { positionsView } from '../../src/models/kv-cache.ts';
+import { argmax } from '../../src/models/sampling.ts';
 import { isDoubleQuant, type QuantState4bit, quantize4bit } from '../../src/quant/blockwise4.ts';
 import { code4bit } from '../../src/quant/codebooks.ts';
 
@@ -472,6 +473,63 @@ test('dropout: the same counter-based mask bit for bit', { skip }, () => {
       same(f(o1), f(o2), `${isa} dropout p=${p}`);
     }
   });
+});
+
+test('argmax: the first index of the largest element, NaN never largest, 0 when none exceeds -inf', { skip }, () => {
+  // the loop src/models/sampling.ts runs where no kernel is
+  const reference = (x: Float32Array) => {
+    let best = 0;
+    let bv = Number.NEGATIVE_INFINITY;
+    for (let i = 0; i < x.length; i++)
+      if (x[i]! > bv) {
+        bv = x[i]!;
+        best = i;
+      }
+    return best;
+  };
+  const rng = new Rng(23);
+  eachIsa((nb, isa) => {
+    for (const n of [1, 3, 15, 16, 17, 33, 1000, 49155]) {
+      const cases: Float32Array[] = [];
+      const r = () => Float32Array.from({ length: n }, () => rng.normal());
+      cases.push(r());
+      // the largest value twice (a tie: the first wins), in the vector part and in the tail
+      const tie = r();
+      const top = 100;
+      tie[Math.floor(n / 3)] = top;
+      tie[n - 1] = top;
+      tie[Math.floor((2 * n) / 3)] = top;
+      cases.push(tie);
+      // ... and in the same lane of every vector width (16 apart)
+      if (n > 40) {
+        const lane = r();
+        for (const i of [3, 19, 35]) lane[i] = top;
+        cases.push(lane);
+      }
+      // NaN everywhere but a few, -inf, +-0 as the largest (the first zero of either sign wins)
+      const nan = r().map((v, i) => (i % 5 === 2 ? v : Number.NaN));
+      cases.push(nan);
+      cases.push(new Float32Array(n).fill(Number.NaN));
+      cases.push(new Float32Array(n).fill(Number.NEGATIVE_INFINITY));
+      const zeros = new Float32Array(n).fill(-1);
+      zeros[n - 1] = 0;
+      zeros[Math.floor(n / 2)] = -0;
+      cases.push(zeros);
+      const inf = r();
+      inf[n - 1] = Number.POSITIVE_INFINITY;
+      cases.push(inf);
+      for (const [k, x] of cases.entries()) assert.equal(nb.argmax!(x), reference(x), `${isa} n=${n} case ${k}`);
+      // a view into a larger array
+      const big = r();
+      const view = big.subarray(1, n);
+      assert.equal(nb.argmax!(view), reference(view), `${isa} n=${n} subarray`);
+    }
+  });
+  // sampling's argmax takes the kernel for a vocabulary of logits, with the same answers
+  const x = Float32Array.from({ length: 5000 }, () => rng.normal());
+  x[4321] = 50;
+  x[4999] = 50;
+  assert.equal(argmax(x), 4321);
 });
 
 test('AdamW step and sumSquares', { skip }, () => {

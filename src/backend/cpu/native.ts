@@ -88,6 +88,7 @@ export interface NativeOps {
   dequantize4bitRows(...args: (number | boolean | OptArr | Float64Array)[]): void;
   opsIsa(): string;
   allocStreamed?(bytes: number): ArrayBuffer;
+  argmax?(x: F32, off: number, n: number): number;
   planCreate?(): object;
   planAdd?(plan: object, name: string, ...args: unknown[]): void;
   planDynamic?(plan: object, step: number): void;
@@ -369,6 +370,7 @@ export function makeNativeBackend(addon: NativeWithOps): Backend {
 
   const core: Partial<CoreKernels> = {
     ...(n.allocStreamed && { allocStreamed: (bytes: number) => n.allocStreamed!(bytes) }),
+    ...(addon.argmax && { argmax: (x: Float32Array) => addon.argmax!(x, 0, x.length) }),
     ...(addon.planCreate && { recordPlan: (body) => recordPlan(body) }),
     gemm(p: GemmArgs) {
       if (!isFloatDt(p.a) || !isFloatDt(p.b) || !isF32(p.c)) return js.gemm(p);
