@@ -40,6 +40,11 @@ export function argmax(x: ArrayLike<number>): number {
     const be = getBackend();
     if (be.argmax) return be.argmax(x);
   }
+  return argmaxLoop(x);
+}
+
+/** argmax in JavaScript (what a backend's kernel must answer). */
+export function argmaxLoop(x: ArrayLike<number>): number {
   let best = 0;
   let bv = Number.NEGATIVE_INFINITY;
   for (let i = 0; i < x.length; i++)

@@ -25,7 +25,7 @@ import { IndexError, LifetimeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { Tensor } from '../../src/core/tensor.ts';
 import { positionsView } from '../../src/models/kv-cache.ts';
-import { argmax } from '../../src/models/sampling.ts';
+import { argmax, argmaxLoop } from '../../src/models/sampling.ts';
 import { isDoubleQuant, type QuantState4bit, quantize4bit } from '../../src/quant/blockwise4.ts';
 import { code4bit } from '../../src/quant/codebooks.ts';
 
@@ -476,17 +476,7 @@ test('dropout: the same counter-based mask bit for bit', { skip }, () => {
 });
 
 test('argmax: the first index of the largest element, NaN never largest, 0 when none exceeds -inf', { skip }, () => {
-  // the loop src/models/sampling.ts runs where no kernel is
-  const reference = (x: Float32Array) => {
-    let best = 0;
-    let bv = Number.NEGATIVE_INFINITY;
-    for (let i = 0; i < x.length; i++)
-      if (x[i]! > bv) {
-        bv = x[i]!;
-        best = i;
-      }
-    return best;
-  };
+  const reference = argmaxLoop; // the loop src/models/sampling.ts runs where no kernel is
   const rng = new Rng(23);
   eachIsa((nb, isa) => {
     for (const n of [1, 3, 15, 16, 17, 33, 1000, 49155]) {
