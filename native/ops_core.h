@@ -480,26 +480,19 @@ void adamw_k(float* p, const float* g, float* m, float* v, int64_t n, const Adam
   });
 }
 
-// Sum of squares in f64, over fixed chunks combined in order: the same result for any thread count.
 // The first index of the largest element (a greedy token's pick: src/models/sampling.ts argmax, whose semantics
 // this keeps): lane j of the vectors keeps its own largest and where it first occurred, a later element
 // replacing it only when strictly larger (NaN compares false, so it never does); the lanes are then merged,
 // the smaller index winning a tie. Nothing above -inf (all -inf or NaN) gives 0.
 int64_t argmax_k(const float* x, int64_t n) {
-  if (n > 2147483647 - 2 * VW) {  // the lanes count in int32
-    int64_t bi = 0;
-    float bv = -INFINITY;
-    for (int64_t i = 0; i < n; ++i)
-      if (x[i] > bv) bv = x[i], bi = i;
-    return bi;
-  }
+  const int64_t nv = n > 2147483647 - 2 * VW ? 0 : n;  // the lanes count in int32: past that, the scalar loop
   vf best = vset(-INFINITY);
   vi at = vi{} - 1;  // -1: nothing yet
   vi idx;
   for (int l = 0; l < VW; ++l) idx[l] = l;
   const vi step = vi{} + VW;
   int64_t i = 0;
-  for (; i + VW <= n; i += VW) {
+  for (; i + VW <= nv; i += VW) {
     const vf v = vload(x + i);
     const vi gt = v > best;
     best = gt ? v : best;
@@ -521,6 +514,7 @@ int64_t argmax_k(const float* x, int64_t n) {
   return bi < 0 ? 0 : bi;
 }
 
+// Sum of squares in f64, over fixed chunks combined in order: the same result for any thread count.
 double sum_squares_k(const float* x, int64_t n, int threads) {
   const int64_t chunk = 65536;
   const int64_t nch = (n + chunk - 1) / chunk;
