@@ -29,10 +29,26 @@ constexpr double kLn2 = 0.693147180559945309;
 
 inline int64_t rup(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// VW elements of a K or V row read in place: f32 as they are, bf16 widened (exactly, as load_row and pack_n do)
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+inline vf vload_kv(const float* p) { return vload(p); }
+inline vf vload_kv(const uint16_t* p) {
+  vh h;
+  memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+// the first n (< VW) of them, the other lanes 0
+inline vf vload_kv_n(const float* p, int64_t n) { return vload_n(p, n); }
+inline vf vload_kv_n(const uint16_t* p, int64_t n) {
+  vu u = {};
+  for (int64_t i = 0; i < n; ++i) u[i] = (uint32_t)p[i] << 16;
+  return (vf)u;
+}
+
 // O[r][d0 : d0 + NDV VW] = O * scale_r + sum_jj P[r][jj] X[jj][...] for NR rows (scale_r = 1 when al null);
-// O rows of stride DP, X rows of stride ldx.
-template <int NR, int NDV>
-inline void pv_tile(const float* P, const float* X, int64_t ldx, int64_t DP, int64_t d0, float* O, const float* al) {
+// O rows of stride DP, X rows (f32, or bf16 read in place) of stride ldx.
+template <int NR, int NDV, class T>
+inline void pv_tile(const float* P, const T* X, int64_t ldx, int64_t DP, int64_t d0, float* O, const float* al) {
   vf acc[NR][NDV];
   for (int r = 0; r < NR; ++r) {
     const vf s = vset(al ? al[r] : 1.0f);
@@ -43,7 +59,7 @@ inline void pv_tile(const float* P, const float* X, int64_t ldx, int64_t DP, int
   }
   for (int jj = 0; jj < BK; ++jj) {
     vf xv[NDV];
-    for (int v = 0; v < NDV; ++v) xv[v] = vload(X + jj * ldx + d0 + v * VW);
+    for (int v = 0; v < NDV; ++v) xv[v] = vload_kv(X + jj * ldx + d0 + v * VW);
     for (int r = 0; r < NR; ++r) {
       const vf a = vset(P[r * BK + jj]);
       for (int v = 0; v < NDV; ++v) acc[r][v] = vfma(a, xv[v], acc[r][v]);
@@ -53,14 +69,15 @@ inline void pv_tile(const float* P, const float* X, int64_t ldx, int64_t DP, int
     for (int v = 0; v < NDV; ++v) vstore(O + r * DP + d0 + v * VW, acc[r][v]);
 }
 
-template <int NR>
-void pv_rows_nr(const float* P, const float* X, int64_t ldx, int64_t DP, float* O, const float* al) {
+template <int NR, class T>
+void pv_rows_nr(const float* P, const T* X, int64_t ldx, int64_t DP, float* O, const float* al) {
   int64_t d0 = 0;
   for (; d0 + 4 * VW <= DP; d0 += 4 * VW) pv_tile<NR, 4>(P, X, ldx, DP, d0, O, al);
   for (; d0 < DP; d0 += VW) pv_tile<NR, 1>(P, X, ldx, DP, d0, O, al);
 }
 
-void pv_rows(const float* P, int64_t R, const float* X, int64_t ldx, int64_t DP, float* O, const float* al) {
+template <class T>
+void pv_rows(const float* P, int64_t R, const T* X, int64_t ldx, int64_t DP, float* O, const float* al) {
   // three rows (decoding's G = 3 query heads of a kv head) in one tile: twelve chains in flight, not 8 then 4
   if (SR == 2 && R == 3) return pv_rows_nr<3>(P, X, ldx, DP, O, al);
   int64_t r = 0;
@@ -146,41 +163,42 @@ struct RowVecs {
 
 // Keys [S, S + N) of a group of VW, for NR rows: their chains (ND whole d-vectors, then `tail` more d's), with
 // the tree's first log2 N levels applied.
-template <int NR, int N, int S, int ND>
-inline RowVecs<NR> keys_tree(const float* const* kr, const float* Q, int64_t DP, int64_t nd, int64_t tail) {
+template <int NR, int N, int S, int ND, class T>
+inline RowVecs<NR> keys_tree(const T* const* kr, const float* Q, int64_t DP, int64_t nd, int64_t tail) {
   RowVecs<NR> o;
   if constexpr (N == 1) {
-    const float* k = kr[S];
+    const T* k = kr[S];
     for (int r = 0; r < NR; ++r) o.v[r] = vset(0.0f);
     const int64_t n = ND > 0 ? ND : nd;
     for (int64_t c = 0; c < n; ++c) {
-      const vf kv = vload(k + c * VW);
+      const vf kv = vload_kv(k + c * VW);
       for (int r = 0; r < NR; ++r) o.v[r] = vfma(kv, vload(Q + r * DP + c * VW), o.v[r]);
     }
     if (ND == 0 && tail) {
-      const vf kv = vload_n(k + n * VW, tail);
+      const vf kv = vload_kv_n(k + n * VW, tail);
       for (int r = 0; r < NR; ++r) o.v[r] = vfma(kv, vload(Q + r * DP + n * VW), o.v[r]);
     }
   } else {
-    const RowVecs<NR> x = keys_tree<NR, N / 2, S, ND>(kr, Q, DP, nd, tail);
-    const RowVecs<NR> y = keys_tree<NR, N / 2, S + N / 2, ND>(kr, Q, DP, nd, tail);
+    const RowVecs<NR> x = keys_tree<NR, N / 2, S, ND, T>(kr, Q, DP, nd, tail);
+    const RowVecs<NR> y = keys_tree<NR, N / 2, S + N / 2, ND, T>(kr, Q, DP, nd, tail);
     for (int r = 0; r < NR; ++r) o.v[r] = keys_combine<N>(x.v[r], y.v[r]);
   }
   return o;
 }
 
-// S[r][0:BK] = Q[r] . K[jj] for NR rows (Q rows of stride DP, zero past D); kr[jj]: key jj's row of D floats.
-// ND: D / VW when D is a whole number of vectors known here, else 0 (nd whole vectors and a tail, at run time).
-template <int NR, int ND>
-inline void s_dot_tile(const float* Q, int64_t DP, int64_t D, const float* const* kr, float* S) {
+// S[r][0:BK] = Q[r] . K[jj] for NR rows (Q rows of stride DP, zero past D); kr[jj]: key jj's row of D
+// elements (f32, or bf16 read in place). ND: D / VW when D is a whole number of vectors known here, else 0
+// (nd whole vectors and a tail, at run time).
+template <int NR, int ND, class T>
+inline void s_dot_tile(const float* Q, int64_t DP, int64_t D, const T* const* kr, float* S) {
   for (int g = 0; g < NVK; ++g) {
-    const RowVecs<NR> s = keys_tree<NR, VW, 0, ND>(kr + g * VW, Q, DP, D / VW, D % VW);
+    const RowVecs<NR> s = keys_tree<NR, VW, 0, ND, T>(kr + g * VW, Q, DP, D / VW, D % VW);
     for (int r = 0; r < NR; ++r) vstore(S + r * BK + g * VW, s.v[r]);
   }
 }
 
-template <int ND>
-void s_rows_dot_nd(const float* Q, int64_t R, int64_t DP, int64_t D, const float* const* kr, float* S) {
+template <int ND, class T>
+void s_rows_dot_nd(const float* Q, int64_t R, int64_t DP, int64_t D, const T* const* kr, float* S) {
   int64_t r = 0;
   for (; r + kDotNR <= R; r += kDotNR) s_dot_tile<kDotNR, ND>(Q + r * DP, DP, D, kr, S + r * BK);
   switch (R - r) {
@@ -192,7 +210,8 @@ void s_rows_dot_nd(const float* Q, int64_t R, int64_t DP, int64_t D, const float
 }
 
 // S [R][BK] of R rows against one block's keys (rows kr[0..BK), zero rows for invalid keys)
-void s_rows_dot(const float* Q, int64_t R, int64_t DP, int64_t D, const float* const* kr, float* S) {
+template <class T>
+void s_rows_dot(const float* Q, int64_t R, int64_t DP, int64_t D, const T* const* kr, float* S) {
   if (D == 64) return s_rows_dot_nd<64 / VW>(Q, R, DP, D, kr, S);
   if (D == 128) return s_rows_dot_nd<128 / VW>(Q, R, DP, D, kr, S);
   s_rows_dot_nd<0>(Q, R, DP, D, kr, S);
@@ -301,11 +320,11 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
   const int64_t nqb = (a.Tq + Bq - 1) / Bq;
   const float qscale = a.scale * kLog2e;
   const int64_t off = a.Tk - a.Tq;
-  // The V rows of a block whose keys all exist are read in place when they are f32 and need no padding (the
-  // same values as the packed copy, so the same arithmetic), by tiles of a few rows (decoding) only: a tile of
-  // many rows reads them once per pair of rows, and packed they stay in L1 (training's attention forward ran
+  // The V rows of a block whose keys all exist are read in place when they are f32 or bf16 and need no padding
+  // (the same values as the packed copy, so the same arithmetic), by tiles of a few rows (decoding) only: a tile
+  // of many rows reads them once per pair of rows, and packed they stay in L1 (training's attention forward ran
   // about 10% faster packed).
-  const bool v_in_place = a.vdt == kOpF32 && DP == D;
+  const bool v_in_place = (a.vdt == kOpF32 || a.vdt == kOpBF16) && DP == D;
   constexpr int64_t kVInPlaceRows = 8;
   // One query tile per (batch, kv head) (decoding): its keys are split into chunks of kChunkBlocks blocks, each
   // chunk a task of its own, so that the few tasks of a step (3 kv heads of the 135m preset) keep every thread
@@ -322,8 +341,8 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     const int64_t t1 = a.Tq - qb * Bq, t0 = t1 - Bq > 0 ? t1 - Bq : 0;
     const int64_t R = (t1 - t0) * G;
     // scratch: Qs, O [R][DP]; S [R][BK]; m, l, al [R]; Kn, Vn [BK][DP]; a zero key row [DP]; the block's key
-    // rows [BK] (pointers)
-    const size_t nfl = (size_t)(2 * R * DP + R * BK + 4 * R + 2 * BK * DP + DP + 2 * BK + 11 * VW);
+    // rows [BK] (pointers, f32 and bf16)
+    const size_t nfl = (size_t)(2 * R * DP + R * BK + 4 * R + 2 * BK * DP + DP + 4 * BK + 11 * VW);
     float* Qs = tls_attn.get<float>(nfl + (size_t)(R * 3 + BK));
     float* O = Qs + R * DP;
     float* S = O + R * DP;
@@ -335,7 +354,8 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
     float* Vn = Kn + BK * DP;
     float* zrow = Vn + BK * DP + VW;
     const float** kr = (const float**)(((uintptr_t)(zrow + DP + VW) + 7) & ~(uintptr_t)7);
-    int64_t* prow = (int64_t*)(kr + BK);
+    const uint16_t** kh = (const uint16_t**)(kr + BK);
+    int64_t* prow = (int64_t*)(kh + BK);
     int32_t* srow = (int32_t*)(prow + R);
     bool* kval = (bool*)(srow + R);
     for (int64_t r = 0; r < R; ++r) {
@@ -362,25 +382,33 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
       const int64_t j0 = pmax + 1 - (e + 1) * BK;
       bool all;
       if (!block_keys(a, b, j0, kval, &all)) continue;
+      // keys read once (one pass of rows) are read in place, f32 or bf16, an invalid one as a zero row; a tile of
+      // more rows reads them again each pass, from a packed copy (in place, rows 2 KiB apart, 8 kv heads of 64,
+      // kept falling out of L1: prefill attention 1.6x slower)
+      const bool k_bf16 = a.kdt == kOpBF16 && R <= kDotNR;
       if (a.kdt == kOpF32 && R <= kDotNR) {
-        // f32 keys read once (one pass of rows) are read in place, an invalid one as a zero row; a tile of more
-        // rows reads them again each pass, from a packed copy (in place, rows 2 KiB apart, 8 kv heads of 64,
-        // kept falling out of L1: prefill attention 1.6x slower)
         const float* kb = (const float*)a.k + b * a.ks[0] + kvh * a.ks[2];
         for (int64_t jj = 0; jj < BK; ++jj) kr[jj] = kval[jj] ? kb + (j0 + jj) * a.ks[1] : zrow;
+      } else if (k_bf16) {
+        const uint16_t* kb = (const uint16_t*)a.k + b * a.ks[0] + kvh * a.ks[2];
+        for (int64_t jj = 0; jj < BK; ++jj) kh[jj] = kval[jj] ? kb + (j0 + jj) * a.ks[1] : (const uint16_t*)zrow;
       } else {
         pack_n(a.k, a.kdt, a.ks, b, kvh, j0, D, DP, kval, Kn);
         for (int64_t jj = 0; jj < BK; ++jj) kr[jj] = Kn + jj * DP;
       }
-      const float* Vb = Vn;
+      const void* Vb = Vn;
       int64_t ldv = DP;
-      if (all && v_in_place && R <= kVInPlaceRows) {
-        Vb = (const float*)a.v + b * a.vs[0] + j0 * a.vs[1] + kvh * a.vs[2];
+      const bool v_here = all && v_in_place && R <= kVInPlaceRows;
+      if (v_here) {
+        Vb = (const char*)a.v + (b * a.vs[0] + j0 * a.vs[1] + kvh * a.vs[2]) * (a.vdt == kOpF32 ? 4 : 2);
         ldv = a.vs[1];
       } else {
         pack_n(a.v, a.vdt, a.vs, b, kvh, j0, D, DP, kval, Vn);
       }
-      s_rows_dot(Qs, R, DP, D, kr, S);
+      if (k_bf16)
+        s_rows_dot(Qs, R, DP, D, kh, S);
+      else
+        s_rows_dot(Qs, R, DP, D, kr, S);
       mask_scores(a, b, j0, kval, prow, srow, R, S);
       // online softmax: block row maxima, then (vectorised over rows) the new maxima and the rescale factors
       // 2^(m_old - m_new), then P = 2^(S - m_new) and the row sums
@@ -423,7 +451,10 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
         l[r] = l[r] * al[r] + hsum(sum);
         m[r] = mn;
       }
-      pv_rows(S, R, Vb, ldv, DP, O, al);
+      if (v_here && a.vdt == kOpBF16)
+        pv_rows(S, R, (const uint16_t*)Vb, ldv, DP, O, al);
+      else
+        pv_rows(S, R, (const float*)Vb, ldv, DP, O, al);
     }
     if (nch > 1) {
       float* pp = part + task_c * pstride;

@@ -20,7 +20,7 @@ import { makeNativeBackend, type NativeWithOps, nativeOps } from '../../src/back
 import type { NativeIsa } from '../../src/backend/cpu/native-addon.ts';
 import type { AttentionArgs } from '../../src/backend/kernels/attention.ts';
 import type { Weight4bit } from '../../src/backend/kernels/quant.ts';
-import { type DType, f32ToBf16, f32ToF16 } from '../../src/core/dtype.ts';
+import { bf16ToF32, type DType, f32ToBf16, f32ToF16 } from '../../src/core/dtype.ts';
 import { IndexError, LifetimeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { Tensor } from '../../src/core/tensor.ts';
@@ -1056,6 +1056,38 @@ test('attention over the KV cache layout (head-major K and V) equals the plain l
       same(f(dq2), f(dq1), `${label} dq`);
       same(f(dk2), f(dk1), `${label} dk`);
       same(f(dv2), f(dv1), `${label} dv`);
+    }
+  });
+});
+
+test('attention reads bf16 K and V as f32 keys holding the same values, bit for bit', { skip }, () => {
+  const rng = new Rng(19);
+  const cases: AttnCase[] = [
+    { B: 1, Tq: 1, Tk: 290, Hq: 9, Hkv: 3, D: 64, cache: 300 }, // decoding: chunks, K and V rows in place
+    { B: 2, Tq: 1, Tk: 70, Hq: 4, Hkv: 2, D: 16, mask: 'u8' }, // masked keys: zero rows, those V blocks packed
+    { B: 1, Tq: 2, Tk: 77, Hq: 4, Hkv: 2, D: 128 }, // four rows, D 128
+    { B: 1, Tq: 1, Tk: 70, Hq: 3, Hkv: 3, D: 40 }, // K in place with a part vector, V packed
+    { B: 1, Tq: 5, Tk: 90, Hq: 6, Hkv: 2, D: 64, window: 30 }, // many rows: both packed
+  ];
+  // the bf16 values widened into an f32 buffer of the same layout
+  const widen = (t: Tensor) =>
+    Tensor.fromTyped(Float32Array.from(t.data as Uint16Array, bf16ToF32), [t.data.length], 'f32').view(
+      [...t.shape],
+      [...t.strides],
+      t.offset,
+    );
+  eachIsa((nb, isa) => {
+    for (const c of cases) {
+      const h = attnInputs(rng, { ...c, kvDtype: 'bf16' });
+      const w = { ...h, k: widen(h.k), v: widen(h.v) };
+      const label = `${isa} ${JSON.stringify(c)}`;
+      const mk = () => [zeros([c.B, c.Tq, c.Hq, c.D]), zeros([c.B, c.Hq, c.Tq])] as const;
+      const [o1, l1] = mk();
+      const [o2, l2] = mk();
+      nb.attentionForward(h, o1, l1);
+      nb.attentionForward(w, o2, l2);
+      same(f(o1), f(o2), `${label} out`);
+      same(f(l1), f(l2), `${label} lse`);
     }
   });
 });
