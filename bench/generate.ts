@@ -1,12 +1,12 @@
 // npm run bench:generate — prefill and decode tokens/s for the 135m preset (SmolLM2-135M shape) with f32 and
 // bf16 weights, beside the memory-bandwidth bound measured in the same run (a decoding step reads every weight
-// once and the f32 KV cache up to its position, so bandwidth / those bytes bounds tokens/s) and eager PyTorch
-// on the same workload and dtype in the same run (bench/reference/torch_llama.py; NO_TORCH=1 skips it). Each
-// side runs ROUNDS (default 3) rounds and keeps its fastest. The read bandwidth is probed right before and
-// right after every decoding round, and each round is set against the mean of its two probes: on a shared
-// machine whose bandwidth swings (35-75 GB/s within minutes on the Zen 5 one), the fastest probe of a run and
-// the fastest round are rarely taken in the same conditions. "of bound" is the median of the rounds' ratios,
-// with the best in brackets.
+// once and the KV cache up to its position, f32 or, for bf16 weights, bf16 (kv-cache.ts 'auto'), so
+// bandwidth / those bytes bounds tokens/s) and eager PyTorch on the same workload and dtype in the same run
+// (bench/reference/torch_llama.py; NO_TORCH=1 skips it). Each side runs ROUNDS (default 3) rounds and keeps
+// its fastest. The read bandwidth is probed right before and right after every decoding round, and each round
+// is set against the mean of its two probes: on a shared machine whose bandwidth swings (35-75 GB/s within
+// minutes on the Zen 5 one), the fastest probe of a run and the fastest round are rarely taken in the same
+// conditions. "of bound" is the median of the rounds' ratios, with the best in brackets.
 // ../shared/anchors.md gives PyTorch 1.13 158 tokens/s prefill and 7.5 tokens/s decode (f32) on the CPU the
 // anchors were taken on. Each dtype runs with the decoding layout (useDecodeLayout, as lowrank generate and
 // serve use) and with the default one.
@@ -16,6 +16,7 @@ import { getBackend } from '../src/backend/index.ts';
 import { Rng } from '../src/core/rng.ts';
 import { PRESETS } from '../src/models/config.ts';
 import { DecodeSession } from '../src/models/generate.ts';
+import { kvBytesPerToken, resolveKvDtype } from '../src/models/kv-cache.ts';
 import { argmax } from '../src/models/sampling.ts';
 import { initModel, presetConfig } from '../src/models/save.ts';
 import { fmt, machineLine, measureLimits, printTable, quantile, ratio, runTorchReference } from './common.ts';
@@ -83,9 +84,9 @@ for (const dtype of ['f32', 'bf16'] as const)
     warm.dispose();
     // rounds of a fresh session each (its first decoding step records the plan, as every generation's does):
     // the fastest round is set beside the fastest bandwidth probe, both best of several on a shared machine
-    // K and V (f32, every layer and kv head) at the decoded positions' mean cache length
+    // K and V (every layer and kv head, in the cache's dtype) at the decoded positions' mean cache length
     const meanLen = prefillLen + (decodeTokens + 1) / 2;
-    const kvBytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4 * meanLen;
+    const kvBytes = kvBytesPerToken(cfg, resolveKvDtype(model)) * meanLen;
     const stepBytes = weightBytes + kvBytes;
     const readNow = () => (addon ? addon.memBandwidth(256 << 20, threads).read : undefined);
     const prefillS: number[] = [];

@@ -2,6 +2,7 @@
 
 import type { DType } from '../core/dtype.ts';
 import { ConfigError } from '../core/errors.ts';
+import { KV_DTYPES, type KvDtypeOption } from '../models/kv-cache.ts';
 import { type LoadedModel, loadModel, resolveModelPath } from '../models/load.ts';
 import { loadTokenizer } from '../tokenize/hf.ts';
 import type { Tokenizer } from '../tokenize/tokenizer.ts';
@@ -40,6 +41,12 @@ export function parseDtype(v: string | undefined): DType | 'auto' {
   if (v === undefined || v === 'auto') return 'auto';
   if (v === 'f32' || v === 'bf16' || v === 'f16') return v;
   throw new ConfigError(`--dtype must be auto, f32, bf16 or f16, got '${v}'`);
+}
+
+export function kvDtypeOption(v: string | undefined): KvDtypeOption {
+  if (v === undefined) return 'auto';
+  if ((KV_DTYPES as readonly string[]).includes(v)) return v as KvDtypeOption;
+  throw new ConfigError(`--kv-cache-dtype must be ${KV_DTYPES.join(', ')}, got '${v}'`);
 }
 
 /** A loading progress line on a terminal (nothing when stderr is not a TTY). */

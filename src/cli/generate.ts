@@ -1,10 +1,11 @@
-// lowrank generate --model M [--adapter A]... --prompt P [--max-tokens --temperature --top-p --top-k --seed --stop]
+// lowrank generate --model M [--adapter A]... --prompt P [--max-tokens --temperature --top-p --top-k --seed --stop
+// --dtype --kv-cache-dtype]
 
 import type { Command } from 'commander';
 import { ConfigError } from '../core/errors.ts';
 import { generateStream } from '../models/generate.ts';
 import { applyAdapterOptions } from './adapters.ts';
-import { collect, int, loadModelAndTokenizer, num, parseDtype } from './common.ts';
+import { collect, int, kvDtypeOption, loadModelAndTokenizer, num, parseDtype } from './common.ts';
 
 interface GenerateCliOptions {
   model: string;
@@ -21,6 +22,7 @@ interface GenerateCliOptions {
   seed?: string;
   stop?: string[];
   dtype?: string;
+  kvCacheDtype?: string;
 }
 
 export function registerGenerate(program: Command): void {
@@ -41,7 +43,9 @@ export function registerGenerate(program: Command): void {
     .option('--seed <n>', 'random seed (default 0)')
     .option('--stop <s>', 'stop string (repeatable)', collect, [])
     .option('--dtype <d>', 'weight dtype in memory: auto, f32, bf16, f16')
+    .option('--kv-cache-dtype <d>', 'KV cache dtype: auto (bf16 for a bf16 model, else f32), f32, bf16')
     .action(async (o: GenerateCliOptions) => {
+      const kvCacheDtype = kvDtypeOption(o.kvCacheDtype);
       const { model, tokenizer } = await loadModelAndTokenizer(o.model, parseDtype(o.dtype));
       applyAdapterOptions(model, o.adapter ?? [], o.weights);
       model.useDecodeLayout();
@@ -59,6 +63,7 @@ export function registerGenerate(program: Command): void {
         repetitionPenalty: num('repetition-penalty', o.repetitionPenalty, 1),
         seed: int('seed', o.seed, 0),
         stop: o.stop ?? [],
+        kvCacheDtype,
       });
       for await (const step of it) process.stdout.write(step.text);
       process.stdout.write('\n');

@@ -5,7 +5,7 @@
 import type { Command } from 'commander';
 import { ConfigError } from '../core/errors.ts';
 import { startServer } from '../serve/server.ts';
-import { collect, int, num } from './common.ts';
+import { collect, int, kvDtypeOption, num } from './common.ts';
 
 interface ServeCliOptions {
   model: string;
@@ -22,6 +22,7 @@ interface ServeCliOptions {
   maxCpuLoraMb?: string;
   maxNumSeqs?: string;
   kvCacheMb?: string;
+  kvCacheDtype?: string;
   maxModelLen?: string;
   prefillChunk?: string;
   maxQueue?: string;
@@ -66,6 +67,7 @@ export function registerServe(program: Command): void {
     .option('--max-cpu-lora-mb <n>', 'host memory for adapters, MiB', '1024')
     .option('--max-num-seqs <n>', 'sequences in the running batch at most', '64')
     .option('--kv-cache-mb <n>', 'KV cache budget, MiB (requests wait when it is full)', '512')
+    .option('--kv-cache-dtype <d>', 'KV cache dtype: auto (bf16 for a bf16 model, else f32), f32, bf16', 'auto')
     .option('--max-model-len <n>', "longest prompt + max_tokens (default: the model's context length)")
     .option('--prefill-chunk <n>', 'prompt tokens computed per engine step (chunked prefill)', '256')
     .option('--max-queue <n>', 'requests waiting for the batch before new ones get 429', '256')
@@ -97,6 +99,7 @@ export function registerServe(program: Command): void {
         maxCpuLoraBytes: positive('max-cpu-lora-mb', num('max-cpu-lora-mb', o.maxCpuLoraMb, 1024)) * 2 ** 20,
         maxNumSeqs: positive('max-num-seqs', int('max-num-seqs', o.maxNumSeqs, 64)),
         kvCacheBytes: positive('kv-cache-mb', num('kv-cache-mb', o.kvCacheMb, 512)) * 2 ** 20,
+        kvCacheDtype: kvDtypeOption(o.kvCacheDtype),
         maxModelLen:
           o.maxModelLen === undefined ? 0 : positive('max-model-len', int('max-model-len', o.maxModelLen, 0)),
         prefillChunk: positive('prefill-chunk', int('prefill-chunk', o.prefillChunk, 256)),

@@ -11,7 +11,7 @@ import { intTensor } from '../ops/create.ts';
 import { slice } from '../ops/shape.ts';
 import { noGrad } from '../ops/tape.ts';
 import { DecodePlan } from './decode-plan.ts';
-import { KVCache } from './kv-cache.ts';
+import { KVCache, type KvDtypeOption, resolveKvDtype } from './kv-cache.ts';
 import type { ForwardContext, LlamaForCausalLM } from './llama.ts';
 import { DEFAULT_SAMPLING, type SamplingParams, sampleToken, validateSampling } from './sampling.ts';
 
@@ -31,6 +31,8 @@ export interface GenerateOptions extends Partial<SamplingParams> {
   ignoreEos?: boolean;
   /** Extra context for adapter layers (per-row adapter selection). */
   adapterRows?: unknown;
+  /** What the KV cache stores (kv-cache.ts; default 'auto': bf16 for a bf16 model, else f32). */
+  kvCacheDtype?: KvDtypeOption;
 }
 
 export interface GenerationStep {
@@ -74,8 +76,10 @@ export class DecodeSession {
     readonly adapterRows?: unknown,
     /** Decoding steps through DecodePlan where the model allows (false: always the module forward). */
     readonly usePlan = adapterRows === undefined,
+    /** What the KV cache stores (kv-cache.ts). */
+    kvCacheDtype: KvDtypeOption = 'auto',
   ) {
-    this.cache = new KVCache(model.config, batch, capacity);
+    this.cache = new KVCache(model.config, batch, capacity, resolveKvDtype(model, kvCacheDtype));
     this.mask = Array.from({ length: batch }, () => []);
     this.nextPos = new Array(batch).fill(0);
   }
@@ -228,7 +232,7 @@ export function* generateSteps(
   const stops = opts.stop ?? [];
   const stopIds = new Set(opts.stopTokenIds ?? []);
   const capacity = promptIds.length + maxTokens;
-  const session = new DecodeSession(model, 1, capacity, opts.adapterRows);
+  const session = new DecodeSession(model, 1, capacity, opts.adapterRows, undefined, opts.kvCacheDtype);
   const context = [...promptIds];
   const out: number[] = [];
   let emitted = 0; // characters of the (stop-truncated) text already yielded
@@ -294,7 +298,7 @@ export function generateBatch(
   const maxTokens = opts.maxTokens ?? 32;
   const B = prompts.length;
   const L = Math.max(...prompts.map((p) => p.length));
-  const session = new DecodeSession(model, B, L + maxTokens, opts.adapterRows);
+  const session = new DecodeSession(model, B, L + maxTokens, opts.adapterRows, undefined, opts.kvCacheDtype);
   const rngs = prompts.map((_, b) => new Rng((opts.seed ?? 0) + b));
   const outs: number[][] = prompts.map(() => []);
   const done = new Array(B).fill(false);

@@ -13,13 +13,14 @@ import { randomBytes } from 'node:crypto';
 import { LowrankError, RequestError } from '../core/errors.ts';
 import { Rng } from '../core/rng.ts';
 import { tidy } from '../core/scope.ts';
+import { type KvDtype, type KvDtypeOption, kvBytesPerToken, resolveKvDtype } from '../models/kv-cache.ts';
 import type { LlamaForCausalLM } from '../models/llama.ts';
 import { type SamplingParams, sampleToken, validateSampling } from '../models/sampling.ts';
 import { intTensor } from '../ops/create.ts';
 import { slice } from '../ops/shape.ts';
 import { noGrad } from '../ops/tape.ts';
 import type { Tokenizer } from '../tokenize/tokenizer.ts';
-import { BatchKV, type BatchRow, KvScratch, kvBytesPerToken, SeqKV } from './kv.ts';
+import { BatchKV, type BatchRow, KvScratch, SeqKV } from './kv.ts';
 import { type AdmitResult, Scheduler, type SchedulerLimits } from './scheduler.ts';
 import { TextStream } from './text.ts';
 
@@ -59,6 +60,8 @@ export interface AdapterPool {
 export interface EngineOptions extends SchedulerLimits {
   /** Longest sequence (prompt + max_tokens) accepted. */
   maxModelLen: number;
+  /** What the sequences' KV caches store (models/kv-cache.ts; default 'auto': bf16 for a bf16 model). */
+  kvCacheDtype?: KvDtypeOption;
 }
 
 /** A generation request as the engine takes it (already tokenized and validated by the HTTP side). */
@@ -134,6 +137,7 @@ export class Engine {
   private readonly sched: Scheduler<Seq>;
   private readonly byId = new Map<string, Seq>();
   private readonly scratch: KvScratch;
+  readonly kvDtype: KvDtype;
   private events: EngineEvent[] = [];
   private readonly counters = { steps: 0, promptTokens: 0, generatedTokens: 0 };
 
@@ -144,7 +148,8 @@ export class Engine {
     readonly opts: EngineOptions,
   ) {
     this.sched = new Scheduler<Seq>(opts);
-    this.scratch = new KvScratch(model.config);
+    this.kvDtype = resolveKvDtype(model, opts.kvCacheDtype);
+    this.scratch = new KvScratch(model.config, this.kvDtype);
   }
 
   /** Queues a request. Problems that make it unservable come back as an error event from the next step. */
@@ -175,7 +180,7 @@ export class Engine {
       running: this.sched.running.length,
       kvUsedTokens: this.sched.usedTokens,
       kvBudgetTokens: this.opts.kvBudgetTokens,
-      kvBytesPerToken: kvBytesPerToken(this.model.config),
+      kvBytesPerToken: kvBytesPerToken(this.model.config, this.kvDtype),
       ...this.counters,
     };
   }
@@ -185,7 +190,7 @@ export class Engine {
     const now = performance.now();
     for (const seq of this.sched.admit(now, (s) => this.acquire(s))) {
       seq.admittedAt = now;
-      seq.kv = new SeqKV(this.model.config, seq.reserve);
+      seq.kv = new SeqKV(this.model.config, seq.reserve, this.kvDtype);
       this.emit({ type: 'started', id: seq.req.id, queueMs: now - seq.arrival });
     }
     const decode = this.sched.decodeRows();

@@ -11,17 +11,13 @@
 // attention is done before layer l + 1 appends) and across steps, so a step allocates no cache memory.
 
 import { getBackend } from '../backend/index.ts';
+import { itemSize } from '../core/dtype.ts';
 import { ShapeError } from '../core/errors.ts';
 import { keep } from '../core/scope.ts';
 import type { Tensor } from '../core/tensor.ts';
 import type { ModelConfig } from '../models/config.ts';
-import { type KVCache, positionsView } from '../models/kv-cache.ts';
+import { type KVCache, type KvDtype, kvBytesPerToken, positionsView } from '../models/kv-cache.ts';
 import { empty, intTensor } from '../ops/create.ts';
-
-/** Bytes of K and V per token (f32, every layer). */
-export function kvBytesPerToken(cfg: ModelConfig): number {
-  return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
-}
 
 /** One sequence's cache. */
 export class SeqKV {
@@ -31,18 +27,19 @@ export class SeqKV {
   length = 0;
 
   constructor(
-    cfg: ModelConfig,
+    private readonly cfg: ModelConfig,
     readonly capacity: number,
+    readonly dtype: KvDtype = 'f32',
   ) {
     const shape = [1, cfg.num_key_value_heads, capacity, cfg.head_dim]; // head-major (positionsView)
     for (let l = 0; l < cfg.num_hidden_layers; l++) {
-      this.k.push(keep(empty(shape)));
-      this.v.push(keep(empty(shape)));
+      this.k.push(keep(empty(shape, dtype)));
+      this.v.push(keep(empty(shape, dtype)));
     }
   }
 
   get bytes(): number {
-    return this.k.reduce((s, t) => s + t.size * 4, 0) * 2;
+    return this.capacity * kvBytesPerToken(this.cfg, this.dtype);
   }
 
   dispose(): void {
@@ -63,9 +60,12 @@ export class KvScratch {
   private k: Tensor | null = null;
   private v: Tensor | null = null;
 
-  constructor(private readonly cfg: ModelConfig) {}
+  constructor(
+    private readonly cfg: ModelConfig,
+    readonly dtype: KvDtype = 'f32',
+  ) {}
 
-  /** K and V stored [b >= B, Hkv, t >= Tk, D] (head-major, as the sequences' caches). */
+  /** K and V stored [b >= B, Hkv, t >= Tk, D] (head-major, as the sequences' caches, in their dtype). */
   stores(B: number, Tk: number): { k: Tensor; v: Tensor } {
     const cur = this.k;
     if (!cur || cur.shape[0]! < B || cur.shape[2]! < Tk) {
@@ -74,14 +74,14 @@ export class KvScratch {
       const t = Math.max(Tk, Math.ceil((cur?.shape[2] ?? 0) * 1.5), 64);
       this.dispose();
       const shape = [b, this.cfg.num_key_value_heads, t, this.cfg.head_dim];
-      this.k = keep(empty(shape));
-      this.v = keep(empty(shape));
+      this.k = keep(empty(shape, this.dtype));
+      this.v = keep(empty(shape, this.dtype));
     }
     return { k: this.k!, v: this.v! };
   }
 
   get bytes(): number {
-    return this.k ? this.k.size * 8 : 0;
+    return this.k ? this.k.size * 2 * itemSize(this.dtype) : 0;
   }
 
   dispose(): void {
@@ -100,6 +100,7 @@ export class KvScratch {
 export class BatchKV implements KVCache {
   readonly k: Tensor[] = [];
   readonly v: Tensor[] = [];
+  readonly dtype: KvDtype;
   readonly batch: number;
   readonly capacity: number;
   length = 0;
@@ -113,6 +114,7 @@ export class BatchKV implements KVCache {
     private readonly scratch: KvScratch,
   ) {
     this.batch = rows.length;
+    this.dtype = scratch.dtype;
     this.totals = rows.map((r) => {
       if (r.add < 1 || r.add > T) throw new ShapeError(`BatchKV: a row adds ${r.add} positions, T is ${T}`);
       const total = r.kv.length + r.add;

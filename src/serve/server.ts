@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { ConfigError } from '../core/errors.ts';
+import type { KvDtypeOption } from '../models/kv-cache.ts';
 import { resolveModelPath } from '../models/load.ts';
 import { loadTokenizer } from '../tokenize/hf.ts';
 import { AdapterRegistry } from './adapters.ts';
@@ -39,6 +40,8 @@ export interface ServeOptions {
   chatTemplateFile?: string | null;
   maxNumSeqs?: number;
   kvCacheBytes?: number;
+  /** What the KV cache stores (default 'auto': bf16 for a bf16 model, else f32). */
+  kvCacheDtype?: KvDtypeOption;
   maxModelLen?: number;
   prefillChunk?: number;
   maxQueue?: number;
@@ -91,6 +94,7 @@ export async function startServer(o: ServeOptions): Promise<RunningServer> {
     engine: {
       maxNumSeqs: o.maxNumSeqs ?? 64,
       kvCacheBytes: o.kvCacheBytes ?? 512 * 2 ** 20,
+      kvCacheDtype: o.kvCacheDtype ?? 'auto',
       maxModelLen: o.maxModelLen ?? 0,
       prefillChunk: o.prefillChunk ?? 256,
       starvationMs: o.starvationMs ?? 2000,

@@ -6,11 +6,11 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { LowrankError, RequestError } from '../core/errors.ts';
 import { memoryStats } from '../core/storage.ts';
+import { kvBytesPerToken, resolveKvDtype } from '../models/kv-cache.ts';
 import { loadModel } from '../models/load.ts';
 import { loadTokenizer } from '../tokenize/hf.ts';
 import { AdapterCache } from './adapter-cache.ts';
 import { Engine } from './engine.ts';
-import { kvBytesPerToken } from './kv.ts';
 import type { FromWorker, ToWorker, WorkerInit, WorkerStats } from './protocol.ts';
 
 const port = parentPort!;
@@ -26,9 +26,9 @@ async function start(): Promise<void> {
   model.useDecodeLayout();
   const tokenizer = loadTokenizer(init.modelPath);
   const maxModelLen = init.engine.maxModelLen > 0 ? init.engine.maxModelLen : config.max_position_embeddings;
-  const kvBudgetTokens = Math.floor(init.engine.kvCacheBytes / kvBytesPerToken(config));
-  if (kvBudgetTokens < 1)
-    throw new LowrankError(`the KV cache budget holds no token (${kvBytesPerToken(config)} bytes per token)`);
+  const perToken = kvBytesPerToken(config, resolveKvDtype(model, init.engine.kvCacheDtype));
+  const kvBudgetTokens = Math.floor(init.engine.kvCacheBytes / perToken);
+  if (kvBudgetTokens < 1) throw new LowrankError(`the KV cache budget holds no token (${perToken} bytes per token)`);
   const adapters = new AdapterCache(model, init.adapters);
   const engine = new Engine(model, tokenizer, adapters, { ...init.engine, kvBudgetTokens, maxModelLen });
 

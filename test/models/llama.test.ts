@@ -4,11 +4,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { getBackend } from '../../src/backend/index.ts';
+import { f32ToBf16 } from '../../src/core/dtype.ts';
 import { ConfigError, FormatError, ShapeError } from '../../src/core/errors.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { configFromHF, configToHF } from '../../src/models/config.ts';
 import { DecodePlan } from '../../src/models/decode-plan.ts';
 import { DecodeSession, fullLogits, generate, generateBatch } from '../../src/models/generate.ts';
+import { resolveKvDtype } from '../../src/models/kv-cache.ts';
 import { LlamaForCausalLM } from '../../src/models/llama.ts';
 import { loadModel, permuteRope, unpermuteRope } from '../../src/models/load.ts';
 import { saveModelHF } from '../../src/models/save.ts';
@@ -61,6 +63,20 @@ test('KV-cache decoding gives the same logits and tokens as full forwards', { sk
     lg = s.step([[r.tokens[i]!]]);
   }
   s.dispose();
+  model.dispose();
+});
+
+test('stories260K in bf16 writes the same greedy text with a bf16 KV cache as with f32', {
+  skip: !haveStories,
+}, async () => {
+  const { model } = await loadModel(STORIES, { dtype: 'bf16' });
+  const tok = loadTokenizer(STORIES);
+  const ids = tok.encode('Once upon a time', { addSpecialTokens: true });
+  const text = (kvCacheDtype: 'f32' | 'bf16') =>
+    generate(model, tok, ids, { maxTokens: 60, temperature: 0, kvCacheDtype }).text;
+  const bf16 = text('bf16');
+  assert.match(bf16, /^, there was a little girl named Lily\. She loved to play/);
+  assert.equal(bf16, text('f32'));
   model.dispose();
 });
 
@@ -249,6 +265,52 @@ function smallConfig(model_type: string, tied: boolean, head_dim = 12) {
     tie_word_embeddings: tied,
   });
 }
+
+test('a bf16 KV cache: auto for a bf16 model, rounded keys and values, logits within bf16 rounding of f32', () => {
+  const cfg = smallConfig('llama', true, 16);
+  const m = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype: 'bf16' });
+  m.useDecodeLayout();
+  const f32Model = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype: 'f32' });
+  assert.equal(resolveKvDtype(m), 'bf16');
+  assert.equal(resolveKvDtype(m, 'f32'), 'f32');
+  assert.equal(resolveKvDtype(f32Model), 'f32');
+  assert.equal(resolveKvDtype(f32Model, 'bf16'), 'bf16');
+  f32Model.dispose();
+  const prompt = [3, 17, 40, 5, 9, 11, 200, 150];
+  const run = (kv: 'f32' | 'bf16') => {
+    const s = new DecodeSession(m, 1, 40, undefined, undefined, kv);
+    const out = [...s.step([prompt])];
+    // layer 0's keys and values of the prompt depend on nothing the cache dtype changes
+    const layer0 = [s.cache.k[0]!, s.cache.v[0]!].map((t) => t.data.slice());
+    for (let i = 0; i < 10; i++) out.push(...s.step([[(i * 31) % 300]]));
+    assert.equal(s.cache.k[0]!.dtype, kv);
+    const bytes = s.cache.bytes;
+    s.dispose();
+    return { out, layer0, bytes };
+  };
+  const a = run('f32');
+  const b = run('bf16');
+  assert.equal(b.bytes * 2, a.bytes, 'half the bytes');
+  const n = cfg.num_key_value_heads * 40 * cfg.head_dim;
+  for (let i = 0; i < 2; i++) {
+    const want = a.layer0[i] as Float32Array;
+    const got = b.layer0[i] as Uint16Array;
+    for (let h = 0; h < cfg.num_key_value_heads; h++)
+      for (let j = 0; j < prompt.length * cfg.head_dim; j++) {
+        const at = (h * n) / cfg.num_key_value_heads + j;
+        if (got[at] !== f32ToBf16(want[at]!))
+          assert.fail(`layer 0 ${i ? 'v' : 'k'}[${at}] is not the rounded f32 value`);
+      }
+  }
+  // each value rounded with relative error <= 2^-9: the logits stay within 2^-7 of their scale
+  for (let i = 0; i < a.out.length; i++) {
+    let scale = 0;
+    for (const x of a.out[i]!) scale = Math.max(scale, Math.abs(x));
+    const d = maxAbsDiff(a.out[i]!, b.out[i]!);
+    assert.ok(d > 0 && d < scale / 128, `step ${i}: logits differ by ${d} (scale ${scale})`);
+  }
+  m.dispose();
+});
 
 test('the decoding layout gives bit-identical logits (tied and untied heads, f32 and bf16, batch 1 to 6)', () => {
   for (const tied of [true, false])

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import type { RequestError } from '../../src/core/errors.ts';
 import { generate } from '../../src/models/generate.ts';
+import { kvBytesPerToken } from '../../src/models/kv-cache.ts';
 import { loadModel } from '../../src/models/load.ts';
 import { DEFAULT_SAMPLING, type SamplingParams } from '../../src/models/sampling.ts';
 import { loadAdapter } from '../../src/peft/lora/io.ts';
@@ -60,10 +61,14 @@ const req = (id: string, prompt: number[], maxTokens: number, more: Partial<Engi
   ...more,
 });
 
-test('continuous batching with chunked prefill gives exactly the tokens of generate()', {
+test('continuous batching with chunked prefill gives exactly the tokens of generate() (f32, and bf16 with its KV)', {
   skip: skipNoStories,
 }, async () => {
-  const { model } = await loadModel(STORIES);
+  for (const dtype of ['f32', 'bf16'] as const) await batchingCase(dtype);
+});
+
+async function batchingCase(dtype: 'f32' | 'bf16'): Promise<void> {
+  const { model, config } = await loadModel(STORIES, { dtype });
   const tok = loadTokenizer(STORIES);
   const prompts = [
     'Once upon a time',
@@ -74,6 +79,8 @@ test('continuous batching with chunked prefill gives exactly the tokens of gener
     'One day, a little boy named Tim went to the store with his mom. He saw',
   ];
   const engine = new Engine(model, tok, null, OPTS);
+  assert.equal(engine.kvDtype, dtype, "'auto': the model's dtype");
+  assert.equal(engine.stats().kvBytesPerToken, kvBytesPerToken(config, dtype));
   const lens = prompts.map((_, i) => 12 + 5 * i);
   // requests join at different steps while others decode; max 4 run at once, prompts longer than 8 are chunked
   const out = drive(engine, (step) => {
@@ -84,7 +91,7 @@ test('continuous batching with chunked prefill gives exactly the tokens of gener
   prompts.forEach((p, i) => {
     const ref = generate(model, tok, tok.encode(p), { maxTokens: lens[i], temperature: 0 });
     const o = out.get(`r${i}`)!;
-    assert.equal(o.text, continuation(tok, tok.encode(p), ref.tokens), `prompt ${i}`);
+    assert.equal(o.text, continuation(tok, tok.encode(p), ref.tokens), `${dtype} prompt ${i}`);
     const done = o.events.find((e) => e.type === 'done');
     assert.ok(done && done.type === 'done');
     assert.equal(done.finishReason, ref.finishReason);
@@ -94,7 +101,7 @@ test('continuous batching with chunked prefill gives exactly the tokens of gener
   assert.equal(engine.stats().kvUsedTokens, 0);
   engine.dispose();
   model.dispose();
-});
+}
 
 test('seeded sampling gives the tokens of generate() with the same seed and parameters', {
   skip: skipNoStories,

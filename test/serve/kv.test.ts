@@ -2,9 +2,10 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { f32ToBf16 } from '../../src/core/dtype.ts';
 import { Rng } from '../../src/core/rng.ts';
 import { configFromHF } from '../../src/models/config.ts';
-import { positionsView } from '../../src/models/kv-cache.ts';
+import { type KvDtype, kvBytesPerToken, positionsView } from '../../src/models/kv-cache.ts';
 import { randn } from '../../src/ops/create.ts';
 import { BatchKV, KvScratch, SeqKV } from '../../src/serve/kv.ts';
 
@@ -32,10 +33,17 @@ test('KvScratch keeps its buffers while they are large enough and grows the time
   s.dispose();
 });
 
-test('BatchKV writes each row’s new keys to its cache and gathers the rows right-aligned', () => {
+test('BatchKV writes each row’s new keys to its cache and gathers the rows right-aligned (f32 and bf16)', () => {
+  for (const dtype of ['f32', 'bf16'] as const) batchKvCase(dtype);
+});
+
+function batchKvCase(dtype: KvDtype): void {
   const rng = new Rng(3);
-  const scratch = new KvScratch(cfg);
-  const seqs = [new SeqKV(cfg, 16), new SeqKV(cfg, 16)];
+  // what the cache stores for an f32 value
+  const enc = (x: number) => (dtype === 'f32' ? x : f32ToBf16(x));
+  const scratch = new KvScratch(cfg, dtype);
+  const seqs = [new SeqKV(cfg, 16, dtype), new SeqKV(cfg, 16, dtype)];
+  assert.equal(seqs[0]!.bytes, 16 * kvBytesPerToken(cfg, dtype));
   // row 0 has 5 cached positions, row 1 has 2; this forward adds 1 and 3 (T = 3: row 0 is padded)
   const fill = (kv: SeqKV, n: number) => {
     const k = randn([1, n, H, D], { rng });
@@ -49,9 +57,9 @@ test('BatchKV writes each row’s new keys to its cache and gathers the rows rig
       for (let p = 0; p < n; p++)
         for (let h = 0; h < H; h++)
           for (let d = 0; d < D; d++)
-            (dst.data as Float32Array)[dst.offset + p * dst.strides[1]! + h * dst.strides[2]! + d] = (
-              src.data as Float32Array
-            )[(p * H + h) * D + d]!;
+            dst.data[dst.offset + p * dst.strides[1]! + h * dst.strides[2]! + d] = enc(
+              (src.data as Float32Array)[(p * H + h) * D + d]!,
+            );
     kv.length = n;
   };
   fill(seqs[0]!, 5);
@@ -69,8 +77,9 @@ test('BatchKV writes each row’s new keys to its cache and gathers the rows rig
   assert.equal(batch.Tk, 6);
   const { k, v } = batch.append(0, kNew, vNew);
   assert.deepEqual(k.shape, [2, 6, H, D]);
+  assert.equal(k.dtype, dtype);
   const at = (t: typeof k, b: number, p: number, h: number, d: number) =>
-    (t.data as Float32Array)[t.offset + b * t.strides[0]! + p * t.strides[1]! + h * t.strides[2]! + d]!;
+    t.data[t.offset + b * t.strides[0]! + p * t.strides[1]! + h * t.strides[2]! + d]!;
   for (const [b, n, add] of [
     [0, 6, 1],
     [1, 5, 3],
@@ -82,7 +91,7 @@ test('BatchKV writes each row’s new keys to its cache and gathers the rows rig
           const want = at(cache, 0, p, h, d);
           assert.equal(at(k, b, 6 - n + p, h, d), want, `row ${b} position ${p}`);
           // the new positions are the forward's last `add` ones
-          if (p >= n - add) assert.equal(want, at(kNew, b, 3 - (n - p), h, d));
+          if (p >= n - add) assert.equal(want, enc(at(kNew, b, 3 - (n - p), h, d)));
         }
     assert.equal(at(v, b, 5, 1, 2), at(positionsView(seqs[b]!.v[0]!, 0, n), 0, n - 1, 1, 2));
   }
@@ -93,4 +102,4 @@ test('BatchKV writes each row’s new keys to its cache and gathers the rows rig
   );
   for (const s of seqs) s.dispose();
   scratch.dispose();
-});
+}
