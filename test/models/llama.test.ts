@@ -78,6 +78,27 @@ test('stories260K in bf16 writes the same greedy text with a bf16 KV cache as wi
   assert.match(bf16, /^, there was a little girl named Lily\. She loved to play/);
   assert.equal(bf16, text('f32'));
   model.dispose();
+  // the CLI flag, and a clear error for a dtype it does not take
+  const { spawnSync } = await import('node:child_process');
+  const cli = (kv: string) =>
+    spawnSync(
+      process.execPath,
+      ['bin/lowrank.js', 'generate', '--model', STORIES, '--prompt', 'Once upon a time', '--dtype', 'bf16'].concat([
+        '--kv-cache-dtype',
+        kv,
+        '--temperature',
+        '0',
+        '--max-tokens',
+        '60',
+      ]),
+      { encoding: 'utf8' },
+    );
+  const r = cli('bf16');
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.stdout, `Once upon a time${bf16}\n`);
+  const bad = cli('f16');
+  assert.notEqual(bad.status, 0);
+  assert.match(bad.stderr, /--kv-cache-dtype must be auto, f32, bf16, got 'f16'/);
 });
 
 test('batched (left-padded) and unbatched generation agree', { skip: !haveStories }, async () => {
