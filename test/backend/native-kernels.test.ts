@@ -909,6 +909,11 @@ function attnInputs(rng: Rng, c: AttnCase): AttentionArgs {
   return { q, k, v, scale: 1 / Math.sqrt(c.D), keyMask, seqIds, window: c.window ?? 0 };
 }
 
+/** Zeroed out [B, Tq, Hq, D] and lse [B, Hq, Tq] for a case. */
+function attnOutputs(c: AttnCase): readonly [Tensor, Tensor] {
+  return [zeros([c.B, c.Tq, c.Hq, c.D]), zeros([c.B, c.Hq, c.Tq])];
+}
+
 test('attention forward and backward: GQA, offsets, masks, packed sequences, windows, strided bf16 KV', {
   skip,
 }, () => {
@@ -930,9 +935,8 @@ test('attention forward and backward: GQA, offsets, masks, packed sequences, win
     for (const c of cases) {
       const a = attnInputs(rng, c);
       const label = `${isa} ${JSON.stringify(c)}`;
-      const mk = () => [zeros([c.B, c.Tq, c.Hq, c.D]), zeros([c.B, c.Hq, c.Tq])] as const;
-      const [o1, l1] = mk();
-      const [o2, l2] = mk();
+      const [o1, l1] = attnOutputs(c);
+      const [o2, l2] = attnOutputs(c);
       nb.attentionForward(a, o1, l1);
       js.attentionForward(a, o2, l2);
       close(f(o1), f(o2), 0, 2e-6, `${label} out`);
@@ -1037,10 +1041,9 @@ test('attention over the KV cache layout (head-major K and V) equals the plain l
       js.copy(a.v, vView);
       const cached = { ...a, k: kView, v: vView };
       const label = `${isa} ${JSON.stringify(c)}`;
-      const mk = () => [zeros([c.B, c.Tq, c.Hq, c.D]), zeros([c.B, c.Hq, c.Tq])] as const;
-      const [o1, l1] = mk();
-      const [o2, l2] = mk();
-      const [o3, l3] = mk();
+      const [o1, l1] = attnOutputs(c);
+      const [o2, l2] = attnOutputs(c);
+      const [o3, l3] = attnOutputs(c);
       nb.attentionForward(a, o1, l1);
       nb.attentionForward(cached, o2, l2);
       same(f(o2), f(o1), `${label} out`);
@@ -1081,9 +1084,8 @@ test('attention reads bf16 K and V as f32 keys holding the same values, bit for 
       const h = attnInputs(rng, { ...c, kvDtype: 'bf16' });
       const w = { ...h, k: widen(h.k), v: widen(h.v) };
       const label = `${isa} ${JSON.stringify(c)}`;
-      const mk = () => [zeros([c.B, c.Tq, c.Hq, c.D]), zeros([c.B, c.Hq, c.Tq])] as const;
-      const [o1, l1] = mk();
-      const [o2, l2] = mk();
+      const [o1, l1] = attnOutputs(c);
+      const [o2, l2] = attnOutputs(c);
       nb.attentionForward(h, o1, l1);
       nb.attentionForward(w, o2, l2);
       same(f(o1), f(o2), `${label} out`);
