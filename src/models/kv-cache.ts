@@ -6,7 +6,7 @@
 // values in bf16, as transformers keeps them for a bf16 model: half the bytes a decoding step reads per
 // position and half the memory per token, each value rounded to nearest even as it is written (the k and v
 // rows themselves are computed in f32). Attention widens them exactly; the native kernels read bf16 rows in
-// place. Any other model (f32, f16 weights, 4-bit bases) keeps f32.
+// place. Any other model (f32 or f16 weights, a 4-bit base computing in f32) keeps f32.
 
 import { getBackend } from '../backend/index.ts';
 import { itemSize } from '../core/dtype.ts';
@@ -22,10 +22,13 @@ export type KvDtype = 'f32' | 'bf16';
 export type KvDtypeOption = 'auto' | KvDtype;
 export const KV_DTYPES: readonly KvDtypeOption[] = ['auto', 'f32', 'bf16'];
 
-/** The dtype a cache for `model` stores under `option`. */
+/**
+ * The dtype a cache for `model` stores under `option`. 'auto' goes by the final norm's weight, which loading
+ * casts with every other weight and no adapter wraps (an embedding adapter does wrap embed_tokens).
+ */
 export function resolveKvDtype(model: LlamaForCausalLM, option: KvDtypeOption = 'auto'): KvDtype {
   if (option !== 'auto') return option;
-  return model.inner.getChild('embed_tokens')?.getParam('weight')?.dtype === 'bf16' ? 'bf16' : 'f32';
+  return model.inner.getChild('norm')?.getParam('weight')?.dtype === 'bf16' ? 'bf16' : 'f32';
 }
 
 /** Bytes of K and V per token (every layer) in a cache of `dtype`. */

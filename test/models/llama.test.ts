@@ -15,6 +15,7 @@ import { LlamaForCausalLM } from '../../src/models/llama.ts';
 import { loadModel, permuteRope, unpermuteRope } from '../../src/models/load.ts';
 import { saveModelHF } from '../../src/models/save.ts';
 import { intTensor } from '../../src/ops/create.ts';
+import { LoraModel } from '../../src/peft/lora/model.ts';
 import { loadTokenizer } from '../../src/tokenize/hf.ts';
 
 const STORIES = '../shared/models/stories260K/stories260K.gguf';
@@ -297,6 +298,12 @@ test('a bf16 KV cache: auto for a bf16 model, rounded keys and values, logits wi
   assert.equal(resolveKvDtype(f32Model), 'f32');
   assert.equal(resolveKvDtype(f32Model, 'bf16'), 'bf16');
   f32Model.dispose();
+  // an adapter on the embedding wraps embed_tokens; the cache still follows the model
+  const wrapped = new LlamaForCausalLM(cfg, { rng: new Rng(9), dtype: 'bf16' });
+  new LoraModel(wrapped, { target_modules: ['embed_tokens', 'q_proj'], r: 2 }, 'default', { rng: new Rng(1) });
+  assert.equal(wrapped.inner.getChild('embed_tokens')?.getParam('weight'), null, 'embed_tokens is wrapped');
+  assert.equal(resolveKvDtype(wrapped), 'bf16');
+  wrapped.dispose();
   const prompt = [3, 17, 40, 5, 9, 11, 200, 150];
   const run = (kv: 'f32' | 'bf16') => {
     const s = new DecodeSession(m, 1, 40, undefined, undefined, kv);
