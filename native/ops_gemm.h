@@ -252,15 +252,24 @@ inline vf gv_load_full(const void* p, int64_t i) {
 #endif
 }
 
-// Prefetches the line kGemvPrefetch bytes past element i of B (the address formed as an integer: past B's end it
-// is never dereferenced, and the instruction does not fault). The hardware's stream prefetchers stop at 4 KiB
-// pages; on Zen 5 (2 vCPUs) the 135m preset's decode-layout products of a step took 7.7-7.9 against 8.3 ms/token
-// (bf16, alternating in-process rounds; 1-3 KiB alike) and f32 ones 3% less.
+// Prefetches a line ahead of element i of B (the address formed as an integer: past B's end it is never
+// dereferenced, and the instruction does not fault). The hardware's stream prefetchers stop at 4 KiB pages.
+// Q rows a pass: eight rows (strips of long rows: eight streams) prefetch kGemvPrefetch bytes ahead of each; one
+// row at a time (whole rows of a K block, a single stream) kGemvStreamPrefetch bytes ahead, as far as a single
+// stream needs to keep enough lines in flight when the memory is fast. On Zen 5 (2 vCPUs) the 135m preset's
+// decode-layout products of a step took 7.7-7.9 against 8.3 ms/token at 2 KiB rather than none (bf16,
+// alternating in-process rounds; 1-3 KiB alike). A 9216 x 3072 bf16 product (one stream a task) read 51-55
+// GB/s at 8 KiB against 39-42 at 2 KiB whenever the machine's bandwidth was high (read probe 70-80 GB/s; 16
+// KiB alike, 4 KiB 45-48) and 33-35 against 31-34 when it was shared (probe 40-45); the 49152-wide head's
+// eight-row strips were slower at 8 KiB (36 against 45 GB/s). Decoding at 8 against 2 KiB: bf16 8.38 against
+// 8.57 ms/token (mean of 40 alternating rounds, 27 faster), f32 15.2 against 16.8 (16 rounds, 11 faster).
 constexpr int64_t kGemvPrefetch = 2048;
-template <int DT>
+constexpr int64_t kGemvStreamPrefetch = 8192;
+template <int DT, int Q>
 inline void gv_prefetch(const void* p, int64_t i) {
 #if defined(__SSE__)
-  _mm_prefetch((const char*)((uintptr_t)p + (uintptr_t)(i * (DT == kOpF32 ? 4 : 2) + kGemvPrefetch)), _MM_HINT_T0);
+  constexpr int64_t ahead = Q == 1 ? kGemvStreamPrefetch : kGemvPrefetch;
+  _mm_prefetch((const char*)((uintptr_t)p + (uintptr_t)(i * (DT == kOpF32 ? 4 : 2) + ahead)), _MM_HINT_T0);
 #else
   (void)p;
   (void)i;
@@ -305,7 +314,7 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
     auto pass = [&](int64_t j, bool pf) {
       vf lo[Q], hi[Q];
       for (int q = 0; q < Q; ++q) {
-        if (pf) gv_prefetch<DT>(B.p, row + q * B.rs + j);
+        if (pf) gv_prefetch<DT, Q>(B.p, row + q * B.rs + j);
         const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)B.p + row + q * B.rs + j));
         lo[q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
         hi[q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
@@ -342,7 +351,7 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
   // decoding step 11.3 -> 10.2 ms/token (median, 8 of 10 alternating rounds faster, a busy hour)
   constexpr int64_t U = 64 / (VW * (DT == kOpF32 ? 4 : 2)) > 1 ? 64 / (VW * (DT == kOpF32 ? 4 : 2)) : 1;
   for (; jv + U * VW <= n; jv += U * VW) {
-    for (int q = 0; q < Q; ++q) gv_prefetch<DT>(B.p, row + q * B.rs + jv);
+    for (int q = 0; q < Q; ++q) gv_prefetch<DT, Q>(B.p, row + q * B.rs + jv);
     for (int64_t u = 0; u < U; ++u) {
       vf b[Q];
       for (int q = 0; q < Q; ++q) b[q] = gv_load_full<DT>(B.p, row + q * B.rs + jv + u * VW);
@@ -352,7 +361,7 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
   for (; jv + VW <= n; jv += VW) {
     vf b[Q];
     for (int q = 0; q < Q; ++q) {
-      gv_prefetch<DT>(B.p, row + q * B.rs + jv);
+      gv_prefetch<DT, Q>(B.p, row + q * B.rs + jv);
       b[q] = gv_load_full<DT>(B.p, row + q * B.rs + jv);
     }
     step(jv, b);
