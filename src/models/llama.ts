@@ -383,7 +383,6 @@ export class LlamaForCausalLM extends Module {
   }
 }
 
-/** w [R, C] (contiguous) as a view [R, C] with strides [1, R] over a new contiguous [C, R] copy. */
 /**
  * Fresh contiguous pieces of a few large buffers (one per dtype, sized up front, in huge pages where the
  * backend can): views keep the memory alive after dispose().
@@ -412,6 +411,7 @@ class WeightArena {
   }
 }
 
+/** w [R, C] (contiguous) as a view [R, C] with strides [1, R] over a new contiguous [C, R] copy from the arena. */
 function storedTransposed(w: Tensor, arena: WeightArena): Tensor {
   const [r, c] = w.shape as [number, number];
   const t = arena.take(c, r, w.dtype);
