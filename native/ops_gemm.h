@@ -46,29 +46,9 @@ void load_block_t(const void* p, int dt, int64_t base, int64_t rstride, int64_t 
       r[i] = dt == kOpBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
     }
   }
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i + 0] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
-    const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
-    t[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
-    t[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
-  }
+  transpose16(r);
   const __mmask16 sm = (__mmask16)(lanes >= 16 ? 0xffff : (1u << lanes) - 1);
-  for (int64_t i = 0; i < kn; ++i) _mm512_mask_storeu_ps(dst + i * dstride, sm, t[i]);
+  for (int64_t i = 0; i < kn; ++i) _mm512_mask_storeu_ps(dst + i * dstride, sm, r[i]);
 #elif defined(__AVX2__) && LR_VW == 8
   __m256 r[8];
   for (int i = 0; i < 8; ++i) {
@@ -454,6 +434,19 @@ struct GvStripK {
 };
 constexpr auto kGvStrips = gv_table<GvStripK>();
 
+// A's M rows as f32, M x K (this thread's scratch).
+const float* rg_rows_f32(const RG& g) {
+  float* Ap = tls_rg_a.get<float>((size_t)(g.M * g.K + VW));
+  for (int64_t r = 0; r < g.M; ++r) {
+    if (g.A.cs == 1) {
+      load_row(g.A.p, g.A.dtype, r * g.A.rs, g.K, Ap + r * g.K);
+    } else {
+      for (int64_t k = 0; k < g.K; ++k) Ap[r * g.K + k] = ld1dt(g.A.p, g.A.dtype, r * g.A.rs + k * g.A.cs);
+    }
+  }
+  return Ap;
+}
+
 void rg_gemv_run(const RG& g, int threads);
 
 // C (M <= kGemvRows rows) from B with B.cs == 1. A B in streamed memory (the decoding layout) has the threads
@@ -468,14 +461,7 @@ void rg_gemv(const RG& g, int threads) {
 // rg_gemv's product: threads take whole K blocks (rows of B) or ranges of columns.
 void rg_gemv_run(const RG& g, int threads) {
   const int64_t KC = blocked_kc();
-  float* Ap = tls_rg_a.get<float>((size_t)(g.M * g.K + VW));
-  for (int64_t r = 0; r < g.M; ++r) {
-    if (g.A.cs == 1) {
-      load_row(g.A.p, g.A.dtype, r * g.A.rs, g.K, Ap + r * g.K);
-    } else {
-      for (int64_t k = 0; k < g.K; ++k) Ap[r * g.K + k] = ld1dt(g.A.p, g.A.dtype, r * g.A.rs + k * g.A.cs);
-    }
-  }
+  const float* Ap = rg_rows_f32(g);
   const int64_t nV = (g.N + VW - 1) / VW, nKB = (g.K + KC - 1) / KC;
   const double bytes = (double)g.N * (double)g.K * (g.B.dtype == kOpF32 ? 4 : 2);
   const int T = bytes < 128.0 * 1024 ? 1 : threads;
@@ -556,6 +542,10 @@ struct GrChunk {
   __attribute__((always_inline)) inline vf get(int j) const { return vload(buf + j * VW); }
 };
 #if defined(__AVX512F__) && LR_VW == 16
+// The first kn (<= 16) lanes, and row i of a chunk's 16 (the last of `rows` for those past it).
+inline __mmask16 gr_kmask(int64_t kn) { return (__mmask16)(kn >= 16 ? 0xffff : (1u << kn) - 1); }
+inline int64_t gr_row(int64_t row0, int64_t i, int64_t rows) { return row0 + (i < rows ? i : rows - 1); }
+
 // bf16: rows r and r + 4 (r < 4) and r + 4 and r + 8 (4 <= r < 8) side by side in eight vectors, then unpacks of
 // 16 and 32 bits and a 128-bit lane shuffle leave Y[j / 2] holding, in 64-bit halves, the 16 rows at k + j and k +
 // j + 1 (rows in order); get() widens one half to f32 with an unpack against zero. 40 shuffles a chunk.
@@ -564,11 +554,8 @@ struct GrChunk<kOpBF16> {
   __m512i Y[8];
   __attribute__((always_inline)) inline void load(const void* p, int64_t ld, int64_t row0, int64_t rows, int64_t k,
                                                   int64_t kn) {
-    const __mmask16 km = (__mmask16)(kn >= 16 ? 0xffff : (1u << kn) - 1);
     const uint16_t* b = (const uint16_t*)p + k;
-    auto row = [&](int64_t i) {
-      return _mm256_maskz_loadu_epi16(km, b + (row0 + (i < rows ? i : rows - 1)) * ld);
-    };
+    auto row = [&](int64_t i) { return _mm256_maskz_loadu_epi16(gr_kmask(kn), b + gr_row(row0, i, rows) * ld); };
     __m512i Z[8], T[8];
     for (int m = 0; m < 8; ++m) {
       const int64_t lo = m < 4 ? m : m + 4;
@@ -599,29 +586,10 @@ struct GrChunk<kOpF32> {
   vf F[16];
   __attribute__((always_inline)) inline void load(const void* p, int64_t ld, int64_t row0, int64_t rows, int64_t k,
                                                   int64_t kn) {
-    const __mmask16 km = (__mmask16)(kn >= 16 ? 0xffff : (1u << kn) - 1);
-    __m512 r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(km, (const float*)p + (row0 + (i < rows ? i : rows - 1)) * ld + k);
-    for (int i = 0; i < 16; i += 2) {
-      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-      r[i + 0] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-      r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-      r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-      r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; ++c) {
-      const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
-      const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-      const __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-      const __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-      F[c] = (vf)_mm512_shuffle_f32x4(u0, u2, 0x88);
-      F[8 + c] = (vf)_mm512_shuffle_f32x4(u0, u2, 0xDD);
-      F[4 + c] = (vf)_mm512_shuffle_f32x4(u1, u3, 0x88);
-      F[12 + c] = (vf)_mm512_shuffle_f32x4(u1, u3, 0xDD);
-    }
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(gr_kmask(kn), (const float*)p + gr_row(row0, i, rows) * ld + k);
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) F[i] = (vf)r[i];
   }
   __attribute__((always_inline)) inline vf get(int j) const { return F[j]; }
 };
@@ -740,14 +708,7 @@ constexpr std::array<std::array<GrFn, kGemvRows>, 3> kGrPanels = {
 void rg_rows(const RG& g, int threads) {
   const int es = g.B.dtype == kOpF32 ? 4 : 2;
   const int64_t KC = blocked_kc();
-  float* Ap = tls_rg_a.get<float>((size_t)(g.M * g.K + VW));
-  for (int64_t r = 0; r < g.M; ++r) {
-    if (g.A.cs == 1) {
-      load_row(g.A.p, g.A.dtype, r * g.A.rs, g.K, Ap + r * g.K);
-    } else {
-      for (int64_t k = 0; k < g.K; ++k) Ap[r * g.K + k] = ld1dt(g.A.p, g.A.dtype, r * g.A.rs + k * g.A.cs);
-    }
-  }
+  const float* Ap = rg_rows_f32(g);
   const double bytes = (double)g.N * (double)g.K * es;
   const int T = bytes < 128.0 * 1024 ? 1 : threads;
   const GrFn fn = kGrPanels[g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2][g.M - 1];

@@ -310,6 +310,10 @@ __attribute__((always_inline)) inline void load_row(const void* p, int dt, int64
   for (; k < n; ++k) dst[k] = f16_f32(h[k]);
 }
 
+#if defined(__AVX512F__) && LR_VW == 16
+#include "transpose16.h"
+#endif
+
 #if defined(__AVX2__)
 // o[c] lane i = r[i] lane c: an 8 x 8 transpose in registers.
 inline void transpose8x8(const __m256 r[8], __m256 o[8]) {
