@@ -187,6 +187,8 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
             [2, 5],
             [3, 30],
             [4, 9],
+            [5, 2],
+            [8, 11],
             [16, 1],
             [17, 20],
           ] as const)
