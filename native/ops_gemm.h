@@ -206,7 +206,10 @@ thread_local Scratch tls_rg_a, tls_rg_b, tls_rg_p;
 // written or added to C), but B is read where it lies, one row of k at a time, with the chains of a strip of
 // columns kept in a small buffer: no packing, so decoding streams each weight once at memory speed.
 
-constexpr int64_t kGemvRows = 4;
+// Rows of C the few-row paths take at once (this one and rg_rows below), the others in passes of as many: a
+// serving batch of 5 to 8 sequences went to rg_run's packing, which read the 135m head at 7 GB/s against 40-45
+// here with 1 to 4 rows.
+constexpr int kGemvRows = 8;
 constexpr int64_t kGemvStrip = 2048;  // columns per strip: M x 8 KiB of chains stays in L1/L2
 constexpr int64_t kGemvWide = 8192;   // columns per strip where threads split K (wider rows go in strips)
 
@@ -698,15 +701,12 @@ template <int DT, int... I>
 constexpr std::array<GrFn, sizeof...(I)> gr_by_rows(std::integer_sequence<int, I...>) {
   return {&GrPanelsK::run<I + 1, DT>...};
 }
-// Rows of C the natural-layout path takes (a batch of eight sequences decoding as a model trains, say: the
-// GEMM's packing read the 135m head at 7 GB/s with 5 to 8 rows, against 33-38 with 1 to 4 here).
-constexpr int kRowsMax = 8;
-constexpr std::array<std::array<GrFn, kRowsMax>, 3> kGrPanels = {
-    gr_by_rows<kOpF32>(std::make_integer_sequence<int, kRowsMax>{}),
-    gr_by_rows<kOpBF16>(std::make_integer_sequence<int, kRowsMax>{}),
-    gr_by_rows<kOpF16>(std::make_integer_sequence<int, kRowsMax>{})};
+constexpr std::array<std::array<GrFn, kGemvRows>, 3> kGrPanels = {
+    gr_by_rows<kOpF32>(std::make_integer_sequence<int, kGemvRows>{}),
+    gr_by_rows<kOpBF16>(std::make_integer_sequence<int, kGemvRows>{}),
+    gr_by_rows<kOpF16>(std::make_integer_sequence<int, kGemvRows>{})};
 
-// C (M <= kRowsMax rows) from B with B.rs == 1: threads take runs of panels as they finish (a thread held up by
+// C (M <= kGemvRows rows) from B with B.rs == 1: threads take runs of panels as they finish (a thread held up by
 // the machine leaves its share to the other).
 void rg_rows(const RG& g, int threads) {
   const int es = g.B.dtype == kOpF32 ? 4 : 2;
@@ -729,13 +729,25 @@ void rg_rows(const RG& g, int threads) {
 // (few rows) or the row groups (few columns); each element's chain is the same either way.
 void rg_run(const RG& g, int threads) {
   if (g.M <= 0 || g.N <= 0 || g.K <= 0) return;
-  if (g.M <= kGemvRows && g.B.cs == 1) {
-    rg_gemv(g, threads);
-    return;
-  }
-  if (g.M <= kRowsMax && g.B.rs == 1) {
-    rg_rows(g, threads);
-    return;
+  if (g.B.cs == 1 || g.B.rs == 1) {
+    // few rows (up to 2 kGemvRows: a pass of the few-row path each kGemvRows, B read once a pass)
+    if (g.M > kGemvRows && g.M <= 2 * kGemvRows) {
+      RG h = g;
+      h.M = kGemvRows;
+      rg_run(h, threads);
+      h.M = g.M - kGemvRows;
+      h.A.p = (const char*)g.A.p + kGemvRows * g.A.rs * (g.A.dtype == kOpF32 ? 4 : 2);
+      h.C = g.C + kGemvRows * g.ldc;
+      rg_run(h, threads);
+      return;
+    }
+    if (g.M <= kGemvRows) {
+      if (g.B.cs == 1)
+        rg_gemv(g, threads);
+      else
+        rg_rows(g, threads);
+      return;
+    }
   }
   const int64_t KC = blocked_kc();
   const int64_t nJ = (g.N + NJ - 1) / NJ, nG = (g.M + RMAX - 1) / RMAX;
