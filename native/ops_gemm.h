@@ -397,13 +397,16 @@ inline bool gv_short_rows(const RG& g) { return g.N * (g.B.dtype == kOpF32 ? 4 :
 // 3.25 -> 2.69 ms (bf16) and 5.14 -> 4.53 ms (f32) read one row at a time rather than eight; the strips of the
 // 49152-wide head took 1.4x as long one at a time. (Two K blocks side by side, two streams a thread, read short
 // rows 10-20% faster on Zen 3; on Zen 5 one stream with gv_prefetch reads them as fast: 8.05 and 8.59 ms the
-// products of a bf16 step with pairs, 8.04 and 8.50 without.)
+// products of a bf16 step with pairs, 8.04 and 8.50 without.) Three rows of C or more read eight rows of B a
+// pass even so: each chain's load and store in t then serves eight rows, not one (135m bf16, DecodeSession
+// batches of 4, 6 and 8 sequences: 13.3, 18.9 and 23.2 ms a step against 12.1, 14.1 and 17.4, medians of 6
+// alternating rounds; batches of 2 alike, and 1 slower, 8.6 against 7.7).
 template <int R, int DT>
 void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, int64_t kb0, int64_t kb1, float* t,
               float* P) {
   const int64_t ts = (n + VW - 1) / VW * VW;  // t[r * ts + j]: the chains of row r
   const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
-  const bool eight_rows = !gv_short_rows(g) && n < g.N;
+  const bool eight_rows = (!gv_short_rows(g) && n < g.N) || R >= 3;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t k0 = kb * KC;
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
