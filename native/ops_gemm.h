@@ -552,9 +552,10 @@ struct GrChunk {
 inline __mmask16 gr_kmask(int64_t kn) { return (__mmask16)(kn >= 16 ? 0xffff : (1u << kn) - 1); }
 inline int64_t gr_row(int64_t row0, int64_t i, int64_t rows) { return row0 + (i < rows ? i : rows - 1); }
 
-// bf16: rows r and r + 4 (r < 4) and r + 4 and r + 8 (4 <= r < 8) side by side in eight vectors, then unpacks of
-// 16 and 32 bits and a 128-bit lane shuffle leave Y[j / 2] holding, in 64-bit halves, the 16 rows at k + j and k +
-// j + 1 (rows in order); get() widens one half to f32 with an unpack against zero. 40 shuffles a chunk.
+// bf16: eight vectors Z[m] of two rows side by side (rows m and m + 4 for m < 4, m + 4 and m + 8 after), then
+// unpacks of 16 and 32 bits and a 128-bit lane shuffle leave Y[j / 2] holding, in 64-bit halves, the 16 rows at
+// k + j and k + j + 1 (rows in order); get() widens one half to f32 with an unpack against zero. 40 shuffles a
+// chunk.
 template <>
 struct GrChunk<kOpBF16> {
   __m512i Y[8];
