@@ -6,7 +6,8 @@
 // (M <= 16 or N <= 16) instead sums k in vector lanes and reduces at the end, a different rounding, so a row
 // computed with 3 others differed in the last bits from the same row computed with 30 others.
 //
-// Here: shapes with M > 16 and N > 16 go to the blocked GEMM; the others to rg_run below, which computes
+// Here: shapes with M > 16 and N > 16 go to the blocked GEMM (but for up to kPassRows rows against a B whose
+// rows or columns are contiguous: rg_run's few-row passes); the others to rg_run below, which computes
 // exactly the blocked GEMM's chains (same KC, read from the GEMM; the same FMA or, on the generic build,
 // multiply-then-add) with small tiles. The blocked micro-kernel finishes full and partial tiles differently
 // when alpha != 1 and a block is added to C, so before either path: beta not in {0, 1} is applied to C first
@@ -210,6 +211,10 @@ thread_local Scratch tls_rg_a, tls_rg_b, tls_rg_p;
 // serving batch of 5 to 8 sequences went to rg_run's packing, which read the 135m head at 7 GB/s against 40-45
 // here with 1 to 4 rows.
 constexpr int kGemvRows = 8;
+// Rows of C (of a B along k or along j) taken in passes of kGemvRows rather than by the blocked GEMM or rg_run's
+// tiles, which pack B each call: 135m bf16 DecodeSession, decoding layout, batches of 17 and 20: 50.9 and 51.0 ms
+// a step blocked, 34.6 and 37.6 in passes; batch 24 59.1 against 51.3 (default layout 70.1 against 56.4).
+constexpr int64_t kPassRows = 20;
 constexpr int64_t kGemvStrip = 2048;  // columns per strip: M x 8 KiB of chains stays in L1/L2
 constexpr int64_t kGemvWide = 8192;   // columns per strip where threads split K (wider rows go in strips)
 
@@ -734,8 +739,8 @@ void rg_rows(const RG& g, int threads) {
 void rg_run(const RG& g, int threads) {
   if (g.M <= 0 || g.N <= 0 || g.K <= 0) return;
   if (g.B.cs == 1 || g.B.rs == 1) {
-    // few rows (up to 2 kGemvRows: a pass of the few-row path each kGemvRows, B read once a pass)
-    if (g.M > kGemvRows && g.M <= 2 * kGemvRows) {
+    // few rows (up to kPassRows: a pass of the few-row path each kGemvRows, B read once a pass)
+    if (g.M > kGemvRows && g.M <= kPassRows) {
       RG h = g;
       h.M = kGemvRows;
       rg_run(h, threads);
@@ -871,7 +876,8 @@ void gemm_rows_k(const RowGemm& rgm, int threads) {
     sb = sb == 0 ? 0 : g.K * g.N;
     g.alpha = 1.0f;
   }
-  if (g.M > kSkinnyMax && g.N > kSkinnyMax) {
+  const bool passes = (g.B.cs == 1 || g.B.rs == 1) && g.M <= kPassRows;  // rg_run's few-row passes
+  if (g.M > kSkinnyMax && g.N > kSkinnyMax && !passes) {
     BatchedCall bc;
     bc.g = g;
     bc.batch = batch;
