@@ -295,6 +295,19 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < Q; ++q) av[r][q] = vset(Ap[r * g.K + k + q]);
   int64_t jv = 0;
+  // the chains of two vectors of columns, j and j + VW (t's order), against Q rows b0 and b1
+  [[maybe_unused]] auto step2 = [&](int64_t j, const vf (&b0)[Q], const vf (&b1)[Q]) {
+    for (int r = 0; r < R; ++r) {
+      float* tp = t + r * ts + j;
+      vf c0 = vload(tp), c1 = vload(tp + VW);
+      for (int q = 0; q < Q; ++q) {
+        c0 = vfma(av[r][q], b0[q], c0);
+        c1 = vfma(av[r][q], b1[q], c1);
+      }
+      vstore(tp, c0);
+      vstore(tp + VW, c1);
+    }
+  };
 #if defined(__AVX2__) && LR_VW == 8
   if constexpr (gv_interleaved<DT>()) {
     const __m256i z = _mm256_setzero_si256();
@@ -307,16 +320,7 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
         lo[q] = (vf)_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, h));
         hi[q] = (vf)_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, h));
       }
-      for (int r = 0; r < R; ++r) {
-        float* tp = t + r * ts + j;
-        vf c0 = vload(tp), c1 = vload(tp + VW);
-        for (int q = 0; q < Q; ++q) {
-          c0 = vfma(av[r][q], lo[q], c0);
-          c1 = vfma(av[r][q], hi[q], c1);
-        }
-        vstore(tp, c0);
-        vstore(tp + VW, c1);
-      }
+      step2(j, lo, hi);
     };
     for (; jv + 32 <= np16; jv += 32) {
       pass(jv, true);
@@ -350,16 +354,7 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
         b0[q] = gv_load_full<DT>(B.p, row + q * B.rs + jv);
         b1[q] = gv_load_full<DT>(B.p, row + q * B.rs + jv + VW);
       }
-      for (int r = 0; r < R; ++r) {
-        float* tp = t + r * ts + jv;
-        vf c0 = vload(tp), c1 = vload(tp + VW);
-        for (int q = 0; q < Q; ++q) {
-          c0 = vfma(av[r][q], b0[q], c0);
-          c1 = vfma(av[r][q], b1[q], c1);
-        }
-        vstore(tp, c0);
-        vstore(tp + VW, c1);
-      }
+      step2(jv, b0, b1);
       continue;
     }
     for (int64_t u = 0; u < U; ++u) {
