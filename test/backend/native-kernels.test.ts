@@ -250,6 +250,67 @@ test('gemm: few rows against rows wider than a strip, threads splitting K, equal
   });
 });
 
+test('gemm: a batch of rows whose K blocks the threads combine by columns equals the blocked rows bit for bit', {
+  skip,
+}, () => {
+  // W [K, N] in the decoding layout: 8 and 16 rows (passes of 8) over four whole K blocks and a short one give
+  // enough block sums that the threads share the combine by ranges of columns (ops_gemm.h kRgCombineMin); N
+  // ends in part of a vector. 37 rows take the blocked GEMM, a path of its own.
+  const rng = new Rng(12);
+  const threads = addon!.getThreads();
+  try {
+    eachIsa((nb, isa) => {
+      const kc = addon!._blocking(0, 0, 0)[0];
+      const [M, n, k] = [37, 2056, 4 * kc + 3];
+      const A = t32(randn(rng, M * k), [M * k]);
+      for (const [alpha, beta, bdt] of [
+        [1, 0, 'bf16'],
+        [0.37, 1, 'f32'],
+      ] as const) {
+        const B = encode(randn(rng, k * n), bdt);
+        const C0 = randn(rng, M * n);
+        const run = (m: number, i0: number) => {
+          const C = t32(C0.slice(i0 * n, (i0 + m) * n), [m * n]);
+          nb.gemm({
+            transA: false,
+            transB: false,
+            m,
+            n,
+            k,
+            alpha,
+            beta,
+            a: A,
+            aOff: i0 * k,
+            lda: k,
+            b: B,
+            bOff: 0,
+            ldb: n,
+            c: C,
+            cOff: 0,
+            ldc: n,
+          });
+          return f(C);
+        };
+        for (const t of [1, 2, 3]) {
+          addon!.setThreads(t);
+          const all = run(M, 0);
+          for (const [m, i0] of [
+            [8, 5],
+            [16, 20],
+          ] as const)
+            same(
+              run(m, i0),
+              all.subarray(i0 * n, (i0 + m) * n),
+              `${isa} ${t} threads n=${n} k=${k} B=${bdt}: rows ${i0}..${i0 + m} alone`,
+            );
+        }
+      }
+    });
+  } finally {
+    addon!.setThreads(threads);
+  }
+});
+
 test('gemm: batched with strides and interleaved C, bf16 operands', { skip }, () => {
   const rng = new Rng(2);
   eachIsa((nb, isa) => {
