@@ -99,6 +99,9 @@ struct RG {
   int64_t ldc;
   float alpha;  // != 1 only with a single KC block written (not added) to C
   bool add;     // C += A B (else C = alpha A B)
+  // rows from the first of a K block to the first of the block the same thread likely reads next (0: unknown),
+  // for the decoding layout's few-row products (gv_tiles)
+  int64_t next_rows = 0;
 };
 
 // Bp[k * NJ + jj] = B(k0 + k, j0 + jj), zero past N.
@@ -285,6 +288,14 @@ constexpr bool gv_interleaved() {
 #endif
 }
 
+// Whether R rows of C go by gv_tiles (below) rather than gv_rows: three or more with AVX-512's 32 registers (with
+// AVX2's 16 and the generic build's, Zen 5 measured them no faster: AVX2 bf16 within noise, f32 and the generic
+// build's 8 rows 10-20% slower, so those keep gv_rows).
+template <int R>
+constexpr bool gv_tiled() {
+  return R >= 3 && VW == 16;
+}
+
 // Q rows of B (k .. k + Q - 1, from element row on, then row + B.rs, ...) into the chains t of R rows of C:
 // c = fma(a_k, b_k, c) in k order. Columns below np16 are in the interleaved order (gv_interleaved).
 template <int R, int DT, int Q>
@@ -345,10 +356,9 @@ inline void gv_rows(const RG& g, const float* Ap, int64_t k, int64_t row, int64_
   for (; jv + U * VW <= n; jv += U * VW) {
     for (int q = 0; q < Q; ++q) gv_prefetch<DT, Q>(B.p, row + q * B.rs + jv);
     if constexpr (Q > 1 && U == 2 && R >= 3) {
-      // three rows of C or more: both vectors of the line at once, each a_r,q (spilled to the stack when R x Q is
-      // large) read once for two FMAs (135m bf16 DecodeSession, batches of 8 and 16: 24.0 -> 22.9 and 40.4 ->
-      // 35.4 ms a step, medians of 12 alternating rounds; in two shorter runs 27.7 -> 22.8 and 20.2 -> 20.0, 41.8
-      // -> 43.9 and 34.1 -> 31.8; batch 4 12.8 -> 12.2)
+      // three rows of C or more (where not gv_tiled): both vectors of the line at once, each a_r,q (spilled to the
+      // stack when R x Q is large) read once for two FMAs (135m bf16 DecodeSession on AVX-512, batches of 8 and
+      // 16: 24.0 -> 22.9 and 40.4 -> 35.4 ms a step, medians of 12 alternating rounds)
       vf b0[Q], b1[Q];
       for (int q = 0; q < Q; ++q) {
         b0[q] = gv_load_full<DT>(B.p, row + q * B.rs + jv);
@@ -384,7 +394,7 @@ template <int R, int DT>
 void gv_emit(const RG& g, int64_t kb, const float* tb, int64_t j0, int64_t n, int64_t ts, float* P) {
   const bool write = P || (kb == 0 && !g.add);
   const float alpha = P ? 1.0f : g.alpha;
-  [[maybe_unused]] const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
+  [[maybe_unused]] const int64_t np16 = gv_interleaved<DT>() && !gv_tiled<R>() ? n / 16 * 16 : 0;
   for (int r = 0; r < R; ++r) {
     float* c = P ? P + (kb * R + r) * g.N + j0 : g.C + r * g.ldc + j0;
     for (int64_t jv = 0; jv < n; jv += VW) {
@@ -423,20 +433,132 @@ inline bool gv_short_rows(const RG& g) { return g.N * (g.B.dtype == kOpF32 ? 4 :
 // pass even so: each chain's load and store in t then serves eight rows, not one (135m bf16, DecodeSession
 // batches of 4, 6 and 8 sequences: 13.3, 18.9 and 23.2 ms a step against 12.1, 14.1 and 17.4, medians of 6
 // alternating rounds; batches of 2 alike, and 1 slower, 8.6 against 7.7).
+// Three rows of C or more: rows k0 .. k0 + kc of B (one K block; columns j0 .. j0 + n) in sub-blocks of kGvSub
+// rows, each walked by tiles of VT vectors of columns whose R x VT chains stay in registers over the sub-block's
+// rows (loaded from t and stored back once a tile and sub-block); a k of a tile is one piece of a row of B,
+// widened once for R rows, and A's value at (r, k) is broadcast from a transposed copy. Every element's chain
+// is the same fma(a_k, b_k, c) in k order as gv_rows', so the bits are too (tested against the blocked GEMM at
+// 3-17 rows). The tiles read B across rows, so the sub-block after the current one is prefetched in memory
+// order, PL lines a k as the tiles consume them (the first one at once); during the last sub-block, where
+// g.next_rows says which block the thread likely takes next, that block's first rows. Before, eight rows of B
+// a pass updated chains in t (each chain's load and store serving eight FMAs, each a broadcast spilled to the
+// stack). Zen 5, 2 threads, 135m bf16 in the decoding layout, 8 rows against 30 layers' weights from memory
+// (GFLOPS, medians of alternating calls): gate_up 209 -> 293, down 220 -> 263, qkv 239 -> 268; DecodeSession,
+// ms a step: batch 3 10.4 -> 9.5, 4 10.5 -> 9.7, 8 17.2 -> 14.1, 16 27.6 -> 23.7; f32 batch 4 19.7 -> 18.8, 8
+// 23.7 -> 21.3 (medians of alternating rounds).
+constexpr int64_t kGvSub = 16;
+thread_local Scratch tls_gv_at;
+template <int R, int DT>
+void gv_tiles(const RG& g, const float* Ap, int64_t k0, int64_t kc, int64_t j0, int64_t n, float* t, int64_t ts) {
+  // R x VT chains, VT vectors of B and a broadcast in registers (32 on AVX-512, 16 below)
+  constexpr int VT = VW == 16 ? (R <= 4 ? 4 : 2) : (R <= 4 ? 2 : 1);
+  constexpr int64_t S = kGvSub, es = DT == kOpF32 ? 4 : 2;
+  constexpr int PL = VT * VW * es / 64 > 1 ? VT * VW * es / 64 : 1;  // lines of B a k of a tile reads
+  float* at = tls_gv_at.get<float>((size_t)(kc * R));                // at[(k - k0) R + r] = A(r, k)
+  for (int64_t k = 0; k < kc; ++k)
+    for (int r = 0; r < R; ++r) at[k * R + r] = Ap[r * g.K + k0 + k];
+  const int64_t pitch = g.B.rs * es, rowb = n * es;
+  const char* base = (const char*)g.B.p + (k0 * g.B.rs + j0) * es;  // B(k0, j0)
+  const bool linear = rowb == pitch;                                  // the rows' pieces are one run
+  // The prefetch cursor: over one run, the next line lp (up to lend); over pieces, row pr (from k0), byte po.
+  const char* lp = base;
+  const char* lend = base;
+  int64_t pr = 0, po = 0, plim = 0;
+  auto prefetch = [&]() {
+    if (linear) {
+      if (lp < lend) {
+        _mm_prefetch(lp, _MM_HINT_T0);
+        lp += 64;
+      }
+    } else if (pr < plim) {
+      _mm_prefetch(base + pr * pitch + po, _MM_HINT_T0);
+      po += 64;
+      if (po >= rowb) {
+        po = 0;
+        ++pr;
+      }
+    }
+  };
+  auto prefetch_rest = [&]() {
+    if (linear)
+      for (; lp < lend; lp += 64) _mm_prefetch(lp, _MM_HINT_T0);
+    else
+      while (pr < plim) prefetch();
+  };
+  lend = base + (S < kc ? S : kc) * pitch;
+  plim = S < kc ? S : kc;
+  prefetch_rest();
+  for (int64_t ks = 0; ks < kc; ks += S) {
+    const int64_t ke = ks + S < kc ? ks + S : kc;
+    plim = ke + S < kc ? ke + S : kc;
+    lend = base + plim * pitch;
+    if (linear && ke == kc && g.next_rows > 0 && k0 + g.next_rows < g.K) {
+      lp = base + g.next_rows * pitch;
+      const int64_t rows = g.K - k0 - g.next_rows < S ? g.K - k0 - g.next_rows : S;
+      lend = lp + rows * pitch;
+    }
+    int64_t jv = 0;
+    for (; jv + VT * VW <= n; jv += VT * VW) {
+      vf acc[R][VT];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < VT; ++v) acc[r][v] = vload(t + r * ts + jv + v * VW);
+      const char* bp = base + ks * pitch + jv * es;
+      const float* ak = at + ks * R;
+      for (int64_t k = ks; k < ke; ++k, bp += pitch, ak += R) {
+        vf b[VT];
+        for (int v = 0; v < VT; ++v) b[v] = gv_load_full<DT>(bp, v * VW);
+        for (int l = 0; l < PL; ++l) prefetch();
+        for (int r = 0; r < R; ++r) {
+          const vf a = vset(ak[r]);
+          for (int v = 0; v < VT; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < VT; ++v) vstore(t + r * ts + jv + v * VW, acc[r][v]);
+    }
+    for (; jv < n; jv += VW) {  // the columns left, a vector (or part of one) at a time
+      const int64_t cols = n - jv < VW ? n - jv : VW;
+      vf acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = vload(t + r * ts + jv);
+      for (int64_t k = ks; k < ke; ++k) {
+        const char* bp = base + k * pitch + jv * es;
+        const vf b = cols == VW ? gv_load_full<DT>(bp, 0) : gv_load_part<DT>(bp, 0, cols);
+        for (int r = 0; r < R; ++r) acc[r] = vfma(vset(at[k * R + r]), b, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) vstore(t + r * ts + jv, acc[r]);
+    }
+    prefetch_rest();
+  }
+}
+
+// Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1, each block's chains emitted (gv_emit) as it ends;
+// t holds the chains of one block (R ts floats, ts = n rounded up to VW). Rows that are gv_tiled go by gv_tiles.
+// Otherwise whole rows (a K block is one contiguous run of B) are read row after row as one stream, gv_prefetch
+// ahead of it; a strip of long rows' columns, pieces far apart, eight rows a pass. Zen 5, 135m preset: the
+// 3072-wide gate_up products of a step 3.25 -> 2.69 ms (bf16) and 5.14 -> 4.53 ms (f32) read one row at a time
+// rather than eight; the strips of the 49152-wide head took 1.4x as long one at a time. (Two K blocks side by
+// side, two streams a thread, read short rows 10-20% faster on Zen 3; on Zen 5 one stream with gv_prefetch
+// reads them as fast: 8.05 and 8.59 ms the products of a bf16 step with pairs, 8.04 and 8.50 without.)
 template <int R, int DT>
 void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, int64_t kb0, int64_t kb1, float* t,
               float* P) {
   const int64_t ts = (n + VW - 1) / VW * VW;  // t[r * ts + j]: the chains of row r
-  const int64_t np16 = gv_interleaved<DT>() ? n / 16 * 16 : 0;
+  const int64_t np16 = gv_interleaved<DT>() && !gv_tiled<R>() ? n / 16 * 16 : 0;
+  // three rows or more read eight rows of B a pass even so: each chain's load and store in t then serves eight
+  // rows, not one (135m bf16 DecodeSession, batches of 4, 6 and 8: 13.3, 18.9, 23.2 -> 12.1, 14.1, 17.4 ms a step)
   const bool eight_rows = (!gv_short_rows(g) && n < g.N) || R >= 3;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t k0 = kb * KC;
     const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
     for (int64_t i = 0; i < R * ts; i += VW) vstore(t + i, vset(0.0f));
-    int64_t k = k0;
-    if (eight_rows)
-      for (; k + 8 <= k0 + kc; k += 8) gv_rows<R, DT, 8>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
-    for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
+    if constexpr (gv_tiled<R>()) {
+      gv_tiles<R, DT>(g, Ap, k0, kc, j0, n, t, ts);
+    } else {
+      int64_t k = k0;
+      if (eight_rows)
+        for (; k + 8 <= k0 + kc; k += 8) gv_rows<R, DT, 8>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
+      for (; k < k0 + kc; ++k) gv_rows<R, DT, 1>(g, Ap, k, k * g.B.rs + j0, n, np16, t, ts);
+    }
     gv_emit<R, DT>(g, kb, t, j0, n, ts, P);
   }
 }
@@ -511,17 +633,19 @@ void rg_gemv_run(const RG& g, int threads) {
     const int64_t whole = g.K / KC, nS = (g.N + kGemvWide - 1) / kGemvWide;
     const int64_t colUnit = 16, nU = (g.N + colUnit - 1) / colUnit;
     const int64_t pieces = whole < nKB ? T : 0;  // of the short block, by columns
+    RG gt = g;
+    gt.next_rows = T * KC;  // blocks go to the threads in turn, as they finish
     par_tasks(whole * nS + pieces, T, [&](int64_t i) {
       float* tb = tls_rg_b.get<float>((size_t)(kGemvRows * (kGemvWide + VW)));
       if (i < whole * nS) {
         const int64_t kb = i / nS, c0 = i % nS * kGemvWide;
-        strip(g, Ap, c0, g.N - c0 < kGemvWide ? g.N - c0 : kGemvWide, KC, kb, kb + 1, tb, P);
+        strip(gt, Ap, c0, g.N - c0 < kGemvWide ? g.N - c0 : kGemvWide, KC, kb, kb + 1, tb, P);
         return;
       }
       const int64_t p = i - whole * nS, u0 = nU * p / T, u1 = nU * (p + 1) / T;
       const int64_t j1 = u1 * colUnit < g.N ? u1 * colUnit : g.N;
       for (int64_t c = u0 * colUnit; c < j1; c += kGemvWide)
-        strip(g, Ap, c, j1 - c < kGemvWide ? j1 - c : kGemvWide, KC, whole, nKB, tb, P);
+        strip(gt, Ap, c, j1 - c < kGemvWide ? j1 - c : kGemvWide, KC, whole, nKB, tb, P);
     });
     // The blocks' chains added to C in block order, split by columns across the threads once there are many
     // (rows of a batch; each element's sum the same either way). On one thread, 8 rows of the 135m gate_up
@@ -544,12 +668,14 @@ void rg_gemv_run(const RG& g, int threads) {
     });
     return;
   }
+  RG gt = g;
+  gt.next_rows = KC;  // each thread's columns over every block in turn
   par_ranges(nV, T, 1, [&](int64_t v0, int64_t v1) {
     float* t = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
     const int64_t j1 = v1 * VW < g.N ? v1 * VW : g.N;
     for (int64_t j0 = v0 * VW; j0 < j1; j0 += kGemvStrip) {
       const int64_t n = j1 - j0 < kGemvStrip ? j1 - j0 : kGemvStrip;
-      strip(g, Ap, j0, n, KC, 0, nKB, t, nullptr);
+      strip(gt, Ap, j0, n, KC, 0, nKB, t, nullptr);
     }
   });
 }
