@@ -197,71 +197,21 @@ test('gemm: matches the reference, and a row of C does not depend on how many ro
   });
 });
 
-test('gemm: few rows against rows wider than a strip, threads splitting K, equal the blocked rows bit for bit', {
-  skip,
-}, () => {
-  // W [K, N] as the decoding layout keeps it (B not transposed): two whole K blocks, one a thread, go through
-  // in strips of 8192 columns (ops_gemm.h kGemvWide); the short block left over is shared by columns, more
-  // than a strip each
-  const rng = new Rng(11);
-  eachIsa((nb, isa) => {
-    const kc = addon!._blocking(0, 0, 0)[0];
-    const [M, n, k] = [17, 17000, 2 * kc + 50];
-    const A = t32(randn(rng, M * k), [M * k]);
-    for (const [alpha, beta, bdt] of [
-      [1, 0, 'bf16'],
-      [0.37, 1, 'f32'],
-    ] as const) {
-      const B = encode(randn(rng, k * n), bdt);
-      const C0 = randn(rng, M * n);
-      const run = (m: number, i0: number) => {
-        const C = t32(C0.slice(i0 * n, (i0 + m) * n), [m * n]);
-        nb.gemm({
-          transA: false,
-          transB: false,
-          m,
-          n,
-          k,
-          alpha,
-          beta,
-          a: A,
-          aOff: i0 * k,
-          lda: k,
-          b: B,
-          bOff: 0,
-          ldb: n,
-          c: C,
-          cOff: 0,
-          ldc: n,
-        });
-        return f(C);
-      };
-      const all = run(M, 0);
-      for (const [m, i0] of [
-        [1, 3],
-        [4, 10],
-      ] as const)
-        same(
-          run(m, i0),
-          all.subarray(i0 * n, (i0 + m) * n),
-          `${isa} n=${n} k=${k} B=${bdt}: rows ${i0}..${i0 + m} alone`,
-        );
-    }
-  });
-});
-
-test('gemm: a batch of rows whose K blocks the threads combine by columns equals the blocked rows bit for bit', {
-  skip,
-}, () => {
-  // W [K, N] in the decoding layout: 8 and 16 rows (passes of 8) over four whole K blocks and a short one give
-  // enough block sums that the threads share the combine by ranges of columns (ops_gemm.h kRgCombineMin); N
-  // ends in part of a vector. 37 rows take the blocked GEMM, a path of its own.
-  const rng = new Rng(12);
-  const threads = addon!.getThreads();
+/**
+ * W [K, N] as the decoding layout keeps it (B not transposed), M rows of A ([M, N, K] = shape(the ISA's K
+ * block)): for a bf16 and an f32 W, the rows [i0, i0 + m) of `subsets` computed alone equal the same rows of
+ * all M computed together, bit for bit (at each thread count given; the current one when none).
+ */
+function decodeLayoutRowsAlone(
+  rng: Rng,
+  shape: (kc: number) => readonly [number, number, number],
+  subsets: readonly (readonly [number, number])[],
+  threads: readonly number[] = [],
+): void {
+  const saved = addon!.getThreads();
   try {
     eachIsa((nb, isa) => {
-      const kc = addon!._blocking(0, 0, 0)[0];
-      const [M, n, k] = [37, 2056, 4 * kc + 3];
+      const [M, n, k] = shape(addon!._blocking(0, 0, 0)[0]);
       const A = t32(randn(rng, M * k), [M * k]);
       for (const [alpha, beta, bdt] of [
         [1, 0, 'bf16'],
@@ -291,13 +241,10 @@ test('gemm: a batch of rows whose K blocks the threads combine by columns equals
           });
           return f(C);
         };
-        for (const t of [1, 2, 3]) {
+        for (const t of threads.length ? threads : [saved]) {
           addon!.setThreads(t);
           const all = run(M, 0);
-          for (const [m, i0] of [
-            [8, 5],
-            [16, 20],
-          ] as const)
+          for (const [m, i0] of subsets)
             same(
               run(m, i0),
               all.subarray(i0 * n, (i0 + m) * n),
@@ -307,8 +254,36 @@ test('gemm: a batch of rows whose K blocks the threads combine by columns equals
       }
     });
   } finally {
-    addon!.setThreads(threads);
+    addon!.setThreads(saved);
   }
+}
+
+test('gemm: few rows against rows wider than a strip, threads splitting K, equal the blocked rows bit for bit', {
+  skip,
+}, () => {
+  // two whole K blocks, one a thread, go through in strips of 8192 columns (ops_gemm.h kGemvWide); the short
+  // block left over is shared by columns, more than a strip each
+  decodeLayoutRowsAlone(new Rng(11), (kc) => [17, 17000, 2 * kc + 50], [
+    [1, 3],
+    [4, 10],
+  ]);
+});
+
+test('gemm: a batch of rows whose K blocks the threads combine by columns equals the blocked rows bit for bit', {
+  skip,
+}, () => {
+  // 8 and 16 rows (passes of 8) over four whole K blocks and a short one give enough block sums that the threads
+  // share the combine by ranges of columns (ops_gemm.h kRgCombineMin); N ends in part of a vector. 37 rows take
+  // the blocked GEMM, a path of its own.
+  decodeLayoutRowsAlone(
+    new Rng(12),
+    (kc) => [37, 2056, 4 * kc + 3],
+    [
+      [8, 5],
+      [16, 20],
+    ],
+    [1, 2, 3],
+  );
 });
 
 test('gemm: batched with strides and interleaved C, bf16 operands', { skip }, () => {
