@@ -422,17 +422,6 @@ void gv_emit(const RG& g, int64_t kb, const float* tb, int64_t j0, int64_t n, in
 // 576- and 960-wide rows of the 135m preset measured 21.6 -> 20.1 ms/token against a 2 KiB bound).
 inline bool gv_short_rows(const RG& g) { return g.N * (g.B.dtype == kOpF32 ? 4 : 2) < 4096; }
 
-// Columns j0 .. j0 + n of C over the K blocks kb0 .. kb1 - 1, each block's chains emitted (gv_emit) as it ends;
-// t holds the chains of one block (R ts floats, ts = n rounded up to VW). Whole rows (a K block is one
-// contiguous run of B) are read row after row as one stream, gv_prefetch ahead of it; a strip of long rows'
-// columns, pieces far apart, eight rows a pass. Zen 5, 135m preset: the 3072-wide gate_up products of a step
-// 3.25 -> 2.69 ms (bf16) and 5.14 -> 4.53 ms (f32) read one row at a time rather than eight; the strips of the
-// 49152-wide head took 1.4x as long one at a time. (Two K blocks side by side, two streams a thread, read short
-// rows 10-20% faster on Zen 3; on Zen 5 one stream with gv_prefetch reads them as fast: 8.05 and 8.59 ms the
-// products of a bf16 step with pairs, 8.04 and 8.50 without.) Three rows of C or more read eight rows of B a
-// pass even so: each chain's load and store in t then serves eight rows, not one (135m bf16, DecodeSession
-// batches of 4, 6 and 8 sequences: 13.3, 18.9 and 23.2 ms a step against 12.1, 14.1 and 17.4, medians of 6
-// alternating rounds; batches of 2 alike, and 1 slower, 8.6 against 7.7).
 // Three rows of C or more: rows k0 .. k0 + kc of B (one K block; columns j0 .. j0 + n) in sub-blocks of kGvSub
 // rows, each walked by tiles of VT vectors of columns whose R x VT chains stay in registers over the sub-block's
 // rows (loaded from t and stored back once a tile and sub-block); a k of a tile is one piece of a row of B,
@@ -545,7 +534,8 @@ void gv_strip(const RG& g, const float* Ap, int64_t j0, int64_t n, int64_t KC, i
   const int64_t ts = (n + VW - 1) / VW * VW;  // t[r * ts + j]: the chains of row r
   const int64_t np16 = gv_interleaved<DT>() && !gv_tiled<R>() ? n / 16 * 16 : 0;
   // three rows or more read eight rows of B a pass even so: each chain's load and store in t then serves eight
-  // rows, not one (135m bf16 DecodeSession, batches of 4, 6 and 8: 13.3, 18.9, 23.2 -> 12.1, 14.1, 17.4 ms a step)
+  // rows, not one (135m bf16 DecodeSession, batches of 4, 6 and 8: 13.3, 18.9, 23.2 -> 12.1, 14.1, 17.4 ms a
+  // step, medians of 6 alternating rounds; batches of 2 alike, and 1 slower, 8.6 against 7.7)
   const bool eight_rows = (!gv_short_rows(g) && n < g.N) || R >= 3;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t k0 = kb * KC;
