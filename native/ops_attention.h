@@ -315,8 +315,10 @@ void mask_scores(const AttnArgs& a, int64_t b, int64_t j0, const bool* kval, con
 // step) after 256-position prompts: batch 8 14.0 -> 13.0, 16.7 -> 15.3 and 16.5 -> 14.4 (three runs), batch 16
 // 26.8 -> 25.7, batch 1 within noise (8.9 -> 8.3, 8.6 -> 8.6; f32 16.1 -> 16.2, batch 8 25.3 -> 24.3); after
 // 1000 positions batch 1 9.1 -> 8.5, batch 4 16.2 -> 14.7. Prefetch instructions for the same lines gained less
-// (batch 8 15.6 against 14.4). Only a decoding task's rows are read so (one query tile: at most a chunk of
-// kChunkBlocks blocks); a prefill tile's are many, and mostly in cache already.
+// (batch 8 15.6 against 14.4), and so did prefetching, a share a block, the rows of the task a thread takes next
+// while it computes on its own (batch 8 14.0 against 13.4, batch 16 30.8 against 27.5). Only a decoding task's
+// rows are read so (one query tile: at most a chunk of kChunkBlocks blocks); a prefill tile's are many, and
+// mostly in cache already.
 void touch_rows(const void* x, int dt, const int64_t* st, int64_t b, int64_t kvh, int64_t j0, int64_t j1, int64_t D) {
   if (j0 >= j1) return;
   const int64_t es = dt == kOpF32 ? 4 : 2;
