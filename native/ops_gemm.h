@@ -291,9 +291,10 @@ constexpr bool gv_interleaved() {
 // Whether R rows of C go by gv_tiles (below) rather than gv_rows: three or more with AVX-512's 32 registers (with
 // AVX2's 16 and the generic build's, Zen 5 measured them no faster: AVX2 bf16 within noise, f32 and the generic
 // build's 8 rows 10-20% slower, so those keep gv_rows).
+constexpr bool gv_tiled_rows(int64_t rows) { return rows >= 3 && VW == 16; }
 template <int R>
 constexpr bool gv_tiled() {
-  return R >= 3 && VW == 16;
+  return gv_tiled_rows(R);
 }
 
 // Q rows of B (k .. k + Q - 1, from element row on, then row + B.rs, ...) into the chains t of R rows of C:
@@ -609,6 +610,27 @@ void rg_gemv_run(const RG& g, int threads) {
   const int di = g.B.dtype == kOpF32 ? 0 : g.B.dtype == kOpBF16 ? 1 : 2;
   const GvFn strip = kGvStrips[di][g.M - 1];
   const int64_t q = g.K / KC / T;  // whole K blocks per thread
+  if (T > 1 && g.N > kGemvWide && gv_tiled_rows(g.M)) {
+    // Rows that go by gv_tiles against a B wider than kGemvWide (the head): strips of kGemvStrip columns, each a
+    // task over every K block in turn, handed out as they finish, its chains emitted to C as each block ends (as
+    // one thread would), rather than the K blocks below, whose partial sums go through P. Zen 5, the 135m head
+    // (bf16, 576 x 49152) from memory, medians of alternating calls: 3 rows 2455 -> 2124 us, 4 2294 -> 1968, 8
+    // 3103 -> 2254, 16 6079 -> 4427 (the combine alone had taken 350 us of 8 rows' 2400); DecodeSession, ms a
+    // step (medians of alternating rounds): batch 4 12.3 -> 11.1, 6 11.6 -> 11.1, 8 15.3 -> 14.1 (after 256
+    // positions 13.3 -> 14.3 and 14.7 -> 14.9, the head itself 2.3-2.5 -> 1.9-2.1 ms), 12 22.2 -> 21.2, 16 34.2
+    // -> 29.4; f32 batch 8 22.0 -> 21.5. 1 and 2 rows (gv_rows) were slower so (1761 -> 1879, 1542 -> 2091 us),
+    // and products narrower than kGemvWide too (8 rows of the 576-wide o and down: 1166 -> 1502 and 2821 -> 3887
+    // at strips of 256 columns).
+    RG gt = g;
+    gt.next_rows = KC;  // a strip's blocks one after another
+    const int64_t nS = (g.N + kGemvStrip - 1) / kGemvStrip;
+    par_tasks(nS, T, [&](int64_t s) {
+      float* tb = tls_rg_b.get<float>((size_t)(kGemvRows * kGemvStrip + VW));
+      const int64_t j0 = s * kGemvStrip;
+      strip(gt, Ap, j0, g.N - j0 < kGemvStrip ? g.N - j0 : kGemvStrip, KC, 0, nKB, tb, nullptr);
+    });
+    return;
+  }
   if (T > 1 && q >= 1) {
     // The threads take whole K blocks (contiguous runs of B's rows), a block a task, handed out as they finish,
     // rather than ranges of columns, which the prefetcher followed at half the speed. Rows wider than kGemvWide

@@ -261,12 +261,20 @@ function decodeLayoutRowsAlone(
 test('gemm: few rows against rows wider than a strip, threads splitting K, equal the blocked rows bit for bit', {
   skip,
 }, () => {
-  // two whole K blocks, one a thread, go through in strips of 8192 columns (ops_gemm.h kGemvWide); the short
-  // block left over is shared by columns, more than a strip each
-  decodeLayoutRowsAlone(new Rng(11), (kc) => [17, 17000, 2 * kc + 50], [
-    [1, 3],
-    [4, 10],
-  ]);
+  // one and two rows: two whole K blocks, one a thread, go through in strips of 8192 columns (ops_gemm.h
+  // kGemvWide); the short block left over is shared by columns, more than a strip each. Three rows or more, on
+  // AVX-512: strips of 2048 columns (kGemvStrip) over every K block, the last one part of a vector.
+  decodeLayoutRowsAlone(
+    new Rng(11),
+    (kc) => [17, 17000, 2 * kc + 50],
+    [
+      [1, 3],
+      [2, 0],
+      [4, 10],
+      [8, 9],
+    ],
+    [1, 2, 3],
+  );
 });
 
 test('gemm: a batch of rows whose K blocks the threads combine by columns equals the blocked rows bit for bit', {
