@@ -221,13 +221,17 @@ test('packed sequences give the same outputs and gradients as running them separ
 });
 
 test('a sequence right-aligned in a padded batch gets bit-identical outputs to the same sequence alone', () => {
-  // decoding over hundreds of keys (split into chunks by the native kernel), and a short prefill tile
-  for (const [Tq, len, pad] of [
-    [1, 250, 130],
-    [1, 129, 300],
-    [3, 200, 57],
+  // decoding over hundreds of keys (split into chunks by the native kernel), and a short prefill tile. With D = 16
+  // (whole vectors), the native kernel reads V in place, alone from the first key of the oldest block that exists,
+  // padded from a packed copy.
+  for (const [Tq, len, pad, D] of [
+    [1, 250, 130, 8],
+    [1, 129, 300, 8],
+    [3, 200, 57, 8],
+    [1, 250, 130, 16],
+    [1, 300, 21, 16],
   ] as const) {
-    const [Hq, Hkv, D] = [6, 2, 8];
+    const [Hq, Hkv] = [6, 2];
     const q = R([1, Tq, Hq, D], false);
     const k = R([1, len, Hkv, D], false);
     const v = R([1, len, Hkv, D], false);
@@ -242,7 +246,7 @@ test('a sequence right-aligned in a padded batch gets bit-identical outputs to t
     const qb = Tensor.fromTyped(Float32Array.from([...R([1, Tq, Hq, D], false).toF32(), ...q.toF32()]), [2, Tq, Hq, D]);
     const keyMask = [Array(T).fill(1), [...Array(pad).fill(0), ...Array(len).fill(1)]];
     const out = attention(qb, padded(k), padded(v), maskOpts(2, { keyMask })).toF32();
-    assert.deepEqual(out.subarray(Tq * Hq * D), alone, `Tq ${Tq}, ${len} keys after ${pad} of padding`);
+    assert.deepEqual(out.subarray(Tq * Hq * D), alone, `Tq ${Tq}, D ${D}, ${len} keys after ${pad} of padding`);
   }
 });
 
