@@ -500,9 +500,9 @@ void attn_fwd_k(const AttnArgs& a, float* out, float* lse, int threads) {
         m[r] = mn;
       }
       if (v_here && a.vdt == kOpBF16)
-        pv_rows(S, R, (const uint16_t*)Vb, ldv, DP, O, al, v_here ? vlo : 0);
+        pv_rows(S, R, (const uint16_t*)Vb, ldv, DP, O, al, vlo);
       else
-        pv_rows(S, R, (const float*)Vb, ldv, DP, O, al, v_here ? vlo : 0);
+        pv_rows(S, R, (const float*)Vb, ldv, DP, O, al, v_here ? vlo : 0);  // packed: from key 0
     }
     if (nch > 1) {
       float* pp = part + task_c * pstride;
